@@ -1,0 +1,259 @@
+"""Structured-config schemas: the type of every key, and the checks on its value.
+
+The values themselves (every default) live once, in conf/*.yaml; each YAML option starts from one of
+these schemas (`defaults: [text_schema, _self_]`), so Hydra rejects an unknown key or a wrong type
+while composing, and `validate()` rejects an impossible value (lr <= 0, bptt < 1, ...) before any
+data is read or any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lesson7_sweeps.errors import ConfigError
+
+OBJECTIVES = ("val_loss", "val_bpc", "val_accuracy", "val_accuracy_tta")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _per_group(key: str, value: Any, positive: bool) -> None:
+    """lr / weight_decay: one number for every layer group, or a list with one per group."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    ok = len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ok = ok and all((v > 0 if positive else v >= 0) and math.isfinite(v) for v in values)
+    bound = "> 0" if positive else ">= 0"
+    _check(ok, key, value, f"use a number {bound} or a list of such numbers, one per layer group")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextDataConfig:
+    _target_: str = MISSING
+    path: str = MISSING  # a text file (split by valid_frac) or a folder with train/ and valid/
+    url: Any = MISSING  # public copy downloaded when path is missing; null = never download
+    cache_dir: str = MISSING
+    lower: bool = MISSING
+    min_freq: int = MISSING
+    valid_frac: float = MISSING
+    bs: int = MISSING
+    bptt: int = MISSING
+    random_bptt: bool = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.bs >= 1, "data.bs", self.bs, "the batch size must be >= 1")
+        _check(self.bptt >= 1, "data.bptt", self.bptt, "the BPTT length must be >= 1")
+        _check(self.min_freq >= 1, "data.min_freq", self.min_freq, "must be >= 1")
+        _check(0 < self.valid_frac < 1, "data.valid_frac", self.valid_frac, "must be in (0, 1)")
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RNNModelConfig:
+    _target_: str = MISSING
+    kind: str = MISSING
+    n_fac: int = MISSING
+    n_hidden: int = MISSING
+    n_layers: int = MISSING
+    dropout: float = MISSING
+    cell: str = MISSING
+    stateful: bool = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("rnn", "gru", "lstm"), "model.kind", self.kind, "use rnn, gru or lstm")
+        _check(self.cell in ("cudnn", "loop"), "model.cell", self.cell, "use cudnn or loop")
+        _check(self.n_fac >= 1, "model.n_fac", self.n_fac, "must be >= 1")
+        _check(self.n_hidden >= 1, "model.n_hidden", self.n_hidden, "must be >= 1")
+        _check(self.n_layers >= 1, "model.n_layers", self.n_layers, "must be >= 1")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+# --- optimiser and schedule --------------------------------------------------------------------
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    lr: Any = MISSING  # one value, or a list with one per layer group
+    weight_decay: Any = MISSING  # likewise
+    betas: list[float] = MISSING
+    eps: float = MISSING
+
+    def __post_init__(self) -> None:
+        _per_group("optim.lr", self.lr, positive=True)
+        _per_group("optim.weight_decay", self.weight_decay, positive=False)
+        _check(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "optim.betas", self.betas,
+               "use two numbers in [0, 1)")
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    lr: Any = MISSING
+    weight_decay: Any = MISSING
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+    def __post_init__(self) -> None:
+        _per_group("optim.lr", self.lr, positive=True)
+        _per_group("optim.weight_decay", self.weight_decay, positive=False)
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
+
+
+PHASE_KINDS = {"constant": (), "sgdr": ("cycle_len", "cycle_mult", "warmup_frac"),
+               "onecycle": ("pct_start", "div", "final_div")}
+
+
+@dataclass
+class PhaseConfig:
+    """One `fit` call of the notebook: a schedule kind over some epochs at lr * lr_mult."""
+
+    kind: str = MISSING
+    epochs: Any = MISSING  # number of epochs, or null for "until training ends" (last phase only)
+    lr_mult: float = MISSING
+    # only for kind=sgdr
+    cycle_len: Any = None
+    cycle_mult: Any = None
+    warmup_frac: Any = None
+    # only for kind=onecycle
+    pct_start: Any = None
+    div: Any = None
+    final_div: Any = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in PHASE_KINDS, "schedule.phases.kind", self.kind, f"use one of {list(PHASE_KINDS)}")
+        _check(self.epochs is None or self.epochs > 0, "schedule.phases.epochs", self.epochs,
+               "use a number of epochs > 0, or null for the rest of training")
+        _check(self.lr_mult > 0, "schedule.phases.lr_mult", self.lr_mult, "must be > 0")
+        for name in PHASE_KINDS[self.kind]:
+            _check(getattr(self, name) is not None, f"schedule.phases.{name}", None,
+                   f"a {self.kind} phase needs {', '.join(PHASE_KINDS[self.kind])}")
+        if self.kind == "sgdr":
+            _check(self.cycle_len > 0, "schedule.phases.cycle_len", self.cycle_len, "must be > 0 epochs")
+            _check(self.cycle_mult >= 1, "schedule.phases.cycle_mult", self.cycle_mult, "must be >= 1")
+            _check(0 <= self.warmup_frac < 1, "schedule.phases.warmup_frac", self.warmup_frac, "in [0, 1)")
+        if self.kind == "onecycle":
+            _check(0 < self.pct_start < 1, "schedule.phases.pct_start", self.pct_start, "must be in (0, 1)")
+            _check(self.div >= 1 and self.final_div >= 1, "schedule.phases.div", self.div, "div and final_div >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    phases: list[PhaseConfig] = MISSING
+
+    def __post_init__(self) -> None:
+        _check(len(self.phases) > 0, "schedule.phases", [], "give at least one phase")
+        for phase in self.phases[:-1]:
+            _check(phase.epochs is not None, "schedule.phases.epochs", None,
+                   "only the last phase may run until training ends (epochs: null)")
+
+
+# --- trainer and tracking ----------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    chars: int = MISSING  # characters generated at the end of training (0 = none)
+    prompt: str = MISSING
+    temperature: float = MISSING  # 0 = greedy
+
+
+@dataclass
+class LRFinderConfig:
+    start_lr: float = MISSING
+    end_lr: float = MISSING
+    num_steps: int = MISSING
+    stop_factor: float = MISSING  # stop once the smoothed loss exceeds stop_factor * best loss
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    max_steps: Any = MISSING  # cap on optimizer steps (smoke runs); null = no cap
+    device: str = MISSING
+    deterministic: bool = MISSING
+    clip_grad_norm: Any = MISSING  # max global grad norm; null = no clipping
+    log_every: int = MISSING
+    progress: str = MISSING
+    checkpoints: bool = MISSING
+    sample: SampleConfig = MISSING
+    lr_finder: LRFinderConfig = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
+        _check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+               "trainer.max_steps", self.max_steps, "use an integer >= 1, or null for no cap")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "trainer.device",
+               self.device, "use auto, cpu, cuda or cuda:N")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm",
+               self.clip_grad_norm, "use a number > 0, or null for no clipping")
+        _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
+        _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")
+        _check(self.sample.temperature >= 0, "trainer.sample.temperature", self.sample.temperature,
+               "must be >= 0 (0 = greedy)")
+        f = self.lr_finder
+        _check(0 < f.start_lr < f.end_lr, "trainer.lr_finder.start_lr", f.start_lr, "need 0 < start_lr < end_lr")
+        _check(f.num_steps >= 2, "trainer.lr_finder.num_steps", f.num_steps, "must be >= 2")
+
+
+@dataclass
+class MlflowTrackingConfig:
+    _target_: str = MISSING
+    uri: str = MISSING
+    experiment: str = MISSING
+    artifact_location: Any = MISSING  # null = MLflow's default for the store
+    run_name: Any = MISSING  # null = derived from the model and its key hyper-parameters
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", self.experiment, "give a non-empty name")
+
+
+@dataclass
+class NoTrackingConfig:
+    _target_: str = MISSING
+
+
+SCHEMAS = {
+    "data": {"text_schema": TextDataConfig},
+    "model": {"rnn_schema": RNNModelConfig},
+    "optim": {"adam_schema": AdamConfig, "sgd_schema": SGDConfig},
+    "schedule": {"schedule_schema": ScheduleConfig},
+    "trainer": {"trainer_schema": TrainerConfig},
+    "tracking": {"mlflow_schema": MlflowTrackingConfig, "none_schema": NoTrackingConfig},
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=group, name=name, node=node)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value; raise ConfigError with one line that names the key and what is allowed."""
+    _check(isinstance(cfg.seed, int), "seed", cfg.seed, "use an integer")
+    _check(cfg.objective in OBJECTIVES, "objective", cfg.objective, f"use one of {', '.join(OBJECTIVES)}")
+    for group in SCHEMAS:
+        try:
+            OmegaConf.to_object(cfg[group])  # builds the dataclasses, which runs their __post_init__
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{group}.{key}: {msg}" if key else f"{group}: {msg}") from None

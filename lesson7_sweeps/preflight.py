@@ -1,0 +1,75 @@
+"""Compose and validate the config of every job before Hydra launches any, with one-line errors.
+
+Hydra reports a bad override as several lines (and exits 1) and only once the job has started;
+a sweep with one bad value would fail half-way. Here each value of each sweep override is
+composed with Hydra's own `compose()` and checked by `config.validate`, so `lesson7-train -m
+optim.lr=1e-3,-1` stops at once with `optim.lr=-1 is invalid: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from lesson7_sweeps.config import validate
+from lesson7_sweeps.errors import ConfigError
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _values(o: Override) -> list[str]:
+    """The override as plain `key=value` strings, one per value of a sweep (intervals: none)."""
+    key = o.get_key_element()
+    if not o.is_sweep_override():
+        return [o.input_line]
+    try:
+        return [f"{key}={v}" for v in o.sweep_string_iterator()]
+    except Exception:  # interval() sweeps (e.g. for Optuna) have no finite list of values
+        return []
+
+
+def variants(overrides: list[str]) -> list[list[str]]:
+    """The first value of every sweep, then each other value of each sweep in turn."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:  # the grammar's message does not repeat the override
+        raise ConfigError(f"{getattr(e, 'override', '')}: {_one_line(e)}") from None
+    parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    choices = [_values(o) for o in parsed]
+    base = [vals[0] for vals in choices if vals]
+    out = [base]
+    for i, vals in enumerate(c for c in choices if c):
+        out += [base[:i] + [v] + base[i + 1 :] for v in vals[1:]]
+    return out
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra's/OmegaConf's message (and its cause) as one line, without search paths or key dumps."""
+    if isinstance(e, MissingConfigException) and e.options:
+        return f"{e.missing_cfg_file}: no such option; choose one of {', '.join(sorted(e.options))}"
+    lines = []
+    for exc in (e, e.__cause__):
+        for line in str(exc or "").splitlines():
+            line = line.strip()
+            if line.startswith(("full_key:", "object_type", "reference_type", "Config search path")):
+                break
+            if line and not line.startswith(("Available options", "provider=")):
+                lines.append(line.rstrip("."))
+    return "; ".join(dict.fromkeys(lines))
+
+
+def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
+    """Raise ConfigError (one line) if any job of this command line would get a bad config."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in MULTIRUN_FLAGS for f in flags):
+        return  # --help, --cfg, --config-name ...: Hydra's own business
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        for overrides in variants([a for a in argv if not a.startswith("-")]):
+            try:
+                cfg = compose(config_name, overrides=overrides)
+            except (HydraException, OmegaConfBaseException) as e:
+                raise ConfigError(_one_line(e)) from None
+            validate(cfg)

@@ -1,0 +1,209 @@
+"""THE training loop: fit (train + evaluate + checkpoint + log) and the lesson's lr finder.
+
+Everything arrives built (model, data, optimizer, schedule, logger); this module only runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from tqdm.auto import tqdm
+
+from lesson7_sweeps.models.rnn import generate
+from lesson7_sweeps.schedules import Schedule
+from lesson7_sweeps.tracking import Logger
+
+log = logging.getLogger(__name__)
+BETA = 0.98  # the lesson's smoothing of the reported training loss (debiased EWMA)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says at which step."""
+
+
+def reset_state(model: nn.Module) -> None:
+    """Fresh hidden state for stateful models (epoch start, evaluation); no-op for the others."""
+    if hasattr(model, "reset"):
+        model.reset()
+
+
+def set_lr(optimizer: Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, clip: float | None) -> Tensor:
+    """forward -> loss -> backward -> clip -> step; returns the loss, still on the device."""
+    loss = F.nll_loss(model(x), y)  # models return log-probabilities
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Any) -> dict[str, float]:
+    """val_loss (nats per token), val_accuracy, and for text val_bpc (bits per character)."""
+    model.eval()
+    reset_state(model)
+    loss_sum = torch.zeros((), device=_device(model))
+    correct = torch.zeros((), device=loss_sum.device)
+    n = 0
+    for x, y in data.valid:
+        out = model(x)
+        loss_sum += F.nll_loss(out, y, reduction="sum")
+        correct += (out.argmax(-1) == y).sum()
+        n += y.numel()
+    model.train()
+    reset_state(model)
+    metrics = {"val_loss": loss_sum.item() / n, "val_accuracy": correct.item() / n}
+    if data.kind == "text":
+        metrics["val_bpc"] = metrics["val_loss"] / math.log(2)
+    return metrics
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def save_checkpoint(path: Path, model: nn.Module, cfg: DictConfig, step: int, epoch: int) -> Path:
+    """state_dict + resolved config, written atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+                "step": step, "epoch": epoch}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _progress(iterable: Any, enabled: str, desc: str) -> tqdm:
+    disable = {"on": False, "off": True, "auto": not sys.stderr.isatty()}[enabled]
+    return tqdm(iterable, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, schedule: Schedule,
+        logger: Logger, out_dir: Path) -> dict[str, float]:
+    """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics."""
+    tc = cfg.trainer
+    device = _device(model)
+    smooth = torch.zeros((), device=device)  # EWMA of the loss, kept on the device
+    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, or -1
+    step, metrics, stop = 0, {}, False
+
+    def check_finite() -> None:  # one host sync; called only at log points and epoch ends
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise TrainingDiverged(f"loss became NaN or infinite at step {bad}")
+
+    for epoch in range(tc.epochs):
+        model.train()
+        reset_state(model)
+        n_batches = len(data.train)  # exact for this epoch, even with random BPTT lengths
+        bar = _progress(data.train, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
+        for i, (x, y) in enumerate(bar):
+            # ---- lr from the schedule (a pure function of the position in epochs) -> one step
+            pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
+            set_lr(optimizer, schedule(pos))
+            loss = train_step(model, optimizer, x, y, tc.clip_grad_norm)
+            step += 1
+            # ---- bookkeeping stays on the device: no host-device sync in the hot loop
+            smooth.lerp_(loss, 1 - BETA)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if step % tc.log_every == 0:
+                check_finite()
+                train_loss = smooth.item() / (1 - BETA**step)
+                logger.log_metrics({"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"]}, step)
+                bar.set_postfix(loss=f"{train_loss:.4f}")
+            for cycle in schedule.cycles_ended(pos, next_pos) if tc.checkpoints else []:
+                check_finite()  # never save a diverged model
+                path = save_checkpoint(out_dir / f"cycle_{cycle}.pt", model, cfg, step, epoch)
+                logger.log_artifact(path, "checkpoints")
+            stop = tc.max_steps is not None and step >= tc.max_steps
+            if stop:
+                break
+        bar.close()
+        check_finite()
+        metrics = evaluate(model, data)
+        if not math.isfinite(metrics["val_loss"]):
+            raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
+        logger.log_metrics({**metrics, "epoch": epoch + 1}, step)
+        log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if stop:
+            break
+
+    if tc.checkpoints:
+        logger.log_artifact(save_checkpoint(out_dir / "final.pt", model, cfg, step, epoch), "checkpoints")
+    if data.kind == "text" and tc.sample.chars > 0:
+        prompt = data.vocab.encode(data.prepare(tc.sample.prompt)).to(device)
+        ids = generate(model, prompt, tc.sample.chars, tc.sample.temperature)
+        logger.log_text(tc.sample.prompt + data.vocab.decode(ids), "sample.txt")
+    return metrics
+
+
+def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, logger: Logger,
+            out_dir: Path) -> float:
+    """The lesson's learning-rate finder. lr grows exponentially from start_lr to end_lr over
+    num_steps (every layer group keeps its ratio to the last group); it stops once the smoothed
+    loss exceeds stop_factor x the best seen. Logs the loss-vs-lr plot; returns the lr at the
+    lowest smoothed loss divided by 10 (a usual pick)."""
+    fc, tc = cfg.trainer.lr_finder, cfg.trainer
+    last_base = optimizer.param_groups[-1]["base_lr"]
+    lrs: list[float] = []
+    losses: list[float] = []
+    smooth, best = 0.0, math.inf
+    model.train()
+    for step, (x, y) in enumerate(_endless(model, data.train), start=1):
+        lr = fc.start_lr * (fc.end_lr / fc.start_lr) ** ((step - 1) / (fc.num_steps - 1))
+        set_lr(optimizer, lr / last_base)
+        loss = train_step(model, optimizer, x, y, tc.clip_grad_norm).item()  # a diagnostic: syncing is fine
+        smooth = BETA * smooth + (1 - BETA) * loss
+        debiased = smooth / (1 - BETA**step)
+        lrs.append(lr)
+        losses.append(debiased)
+        logger.log_metrics({"lr_find_loss": debiased, "lr_find_lr": lr}, step)
+        best = min(best, debiased)
+        if not math.isfinite(debiased) or debiased > fc.stop_factor * best or step >= fc.num_steps:
+            break
+    suggestion = lrs[losses.index(min(losses))] / 10
+    logger.log_artifact(_plot_lr_find(lrs, losses, suggestion, out_dir / "lr_find.png"))
+    log.info("lr finder: %d steps, lowest loss %.4f at lr %.2e; suggested lr %.2e", step, min(losses),
+             suggestion * 10, suggestion)
+    return suggestion
+
+
+def _endless(model: nn.Module, loader: Any) -> Any:
+    """Epochs of `loader` back to back, with a fresh hidden state at each epoch start."""
+    while True:
+        reset_state(model)
+        yield from loader
+
+
+def _plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.1e}")
+    ax.set(xscale="log", xlabel="learning rate (last layer group)", ylabel="smoothed training loss",
+           title="lr finder")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

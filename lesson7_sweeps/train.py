@@ -1,0 +1,152 @@
+"""`lesson7-train`: validate the config -> build data, model, optimizer, schedule -> fit -> objective.
+
+    lesson7-train                                   # the lesson's LSTM on Nietzsche
+    lesson7-train experiment=lesson6_lstm           # replay the notebook
+    lesson7-train -m data.bptt=8,16,32 model.n_hidden=128,256
+    lesson7-lr-find model=gru                       # = lesson7-train +lr_find=true
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lesson7_sweeps import runner
+from lesson7_sweeps.config import register_schemas, validate
+from lesson7_sweeps.errors import ConfigError, UserError
+from lesson7_sweeps.optim import build_optimizer
+from lesson7_sweeps.schedules import Schedule
+from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+PROG = "lesson7-train"
+
+register_schemas()
+OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)), replace=True)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch (every device); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(deterministic)  # set either way: jobs of a multirun share a process
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def run_tags(device: torch.device) -> dict[str, str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    tags = {**git_tags(), "device": str(device), "device_name": name, "torch": torch.__version__,
+            "cuda": str(torch.version.cuda)}
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        tags["hydra_overrides"] = " ".join(hc.overrides.task)
+        tags.update({f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
+    return tags
+
+
+def train(cfg: DictConfig) -> float:
+    """Build everything from `cfg`, fit, and return the objective (the final value of cfg.objective).
+
+    Raises UserError (before any MLflow run exists) for bad config or data, and
+    runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
+    validate(cfg)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    device = pick_device(cfg.trainer.device)
+    data = instantiate(cfg.data, device=device, seed=cfg.seed)
+    model = instantiate(cfg.model, **data.model_args()).to(device)
+    optimizer = build_optimizer(cfg.optim, model)
+    schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
+    logger = instantiate(cfg.tracking)
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
+        out_dir = hydra_dir or Path(tmp)
+        params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
+                  "model.n_params": sum(p.numel() for p in model.parameters())}
+        logger.start(default_run_name(cfg), params, run_tags(device))
+        try:
+            logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            if hydra_dir is not None:
+                logger.log_artifact(hydra_dir / ".hydra", ".hydra")
+            if data.kind == "text":
+                logger.log_text(data.vocab.to_json(), "vocab.json")
+            if "lr_find" in cfg and cfg.lr_find:  # appended by +lr_find=true, so it has no default
+                result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
+            else:
+                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir)[cfg.objective]
+        except KeyboardInterrupt:
+            logger.close("KILLED", "interrupted (SIGINT)")
+            raise
+        except BaseException as e:
+            logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        logger.close("FINISHED")
+    return result
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
+    try:
+        return train(cfg)
+    except (UserError, runner.TrainingDiverged) as e:
+        if _is_multirun():
+            log.error("trial failed, objective +inf: %s", e)
+            return float("inf")
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+
+
+def cli() -> None:
+    """Console entry: check every composed config before Hydra starts any job."""
+    from lesson7_sweeps.preflight import preflight
+
+    try:
+        preflight(sys.argv[1:], CONF_DIR, "train")
+        main()
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the run was marked KILLED", file=sys.stderr)
+        sys.exit(130)
+
+
+def lr_find_cli() -> None:
+    """`lesson7-lr-find ...` = `lesson7-train +lr_find=true ...`."""
+    sys.argv.append("+lr_find=true")
+    cli()
+
+
+if __name__ == "__main__":
+    cli()

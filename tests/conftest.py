@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny real English text, and the real config composed by Hydra for tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lesson7_sweeps.train import CONF_DIR
+
+SENTENCES = [
+    "the cat sat on the mat.", "the dog ate the bone.", "a bird sang in the tree.",
+    "the sun is warm today.", "we walked to the old mill.", "she reads a book at night.",
+]
+
+
+def make_text(n_chars: int, seed: int = 0) -> str:
+    """Real (if simple) English prose: learnable structure, built by the test, never from shared data."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while sum(map(len, out)) < n_chars:
+        out.append(rng.choice(SENTENCES) + (" " if rng.random() < 0.8 else "\n"))
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text(make_text(6000), encoding="utf-8")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True) -> list[str]:
+    """A small, CPU-only, fast run that writes into tmp_path (or tracks nothing)."""
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts",
+             "tracking.experiment=test"]
+    return [*(store if tracking else ["tracking=none"]),
+        "data=text", f"data.path={text}", "data.bs=8", "data.bptt=8", f"data.cache_dir={tmp_path}/cache",
+        "model=lstm", "model.n_fac=8", "model.n_hidden=32", "model.n_layers=1", "model.dropout=0.0",
+        "optim.lr=1e-2", "schedule=constant", "trainer.epochs=2", "trainer.device=cpu",
+        "trainer.progress=off", "trainer.log_every=10", "trainer.sample.chars=20",
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, text_file: Path):
+    """Compose the real config (conf/) with tiny-run overrides plus the test's own."""
+
+    def _make(*overrides: str, tracking: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=[*tiny_overrides(tmp_path, text_file, tracking), *overrides])
+
+    return _make
