@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
+from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps.models.rnn import generate
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import Logger
@@ -78,73 +79,91 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def save_checkpoint(path: Path, model: nn.Module, cfg: DictConfig, step: int, epoch: int) -> Path:
-    """state_dict + resolved config, written atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                "step": step, "epoch": epoch}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _progress(iterable: Any, enabled: str, desc: str) -> tqdm:
+def _progress(iterable: Any, enabled: str, desc: str, total: int, initial: int) -> tqdm:
     disable = {"on": False, "off": True, "auto": not sys.stderr.isatty()}[enabled]
-    return tqdm(iterable, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=disable, leave=False, dynamic_ncols=True)
 
 
 def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, schedule: Schedule,
-        logger: Logger, out_dir: Path) -> dict[str, float]:
-    """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics."""
+        logger: Logger, out_dir: Path, start: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics.
+
+    `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop."""
     tc = cfg.trainer
     device = _device(model)
     smooth = torch.zeros((), device=device)  # EWMA of the loss, kept on the device
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, or -1
-    step, metrics, stop = 0, {}, False
+    epoch0, batch0, step, metrics, stop = 0, 0, 0, {}, False
+    if start is not None:
+        epoch0, batch0, step = start["epoch"], start["batch"], start["step"]
+        smooth.fill_(start["smooth"])
+        first_bad.fill_(start["first_bad"])
+        metrics = start["metrics"]
+        ckpt.set_rng_states(start["rng"])
 
     def check_finite() -> None:  # one host sync; called only at log points and epoch ends
         bad = int(first_bad.item())
         if bad >= 0:
             raise TrainingDiverged(f"loss became NaN or infinite at step {bad}")
 
-    for epoch in range(tc.epochs):
-        model.train()
-        reset_state(model)
-        n_batches = len(data.train)  # exact for this epoch, even with random BPTT lengths
-        bar = _progress(data.train, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
-        for i, (x, y) in enumerate(bar):
-            # ---- lr from the schedule (a pure function of the position in epochs) -> one step
-            pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
-            set_lr(optimizer, schedule(pos))
-            loss = train_step(model, optimizer, x, y, tc.clip_grad_norm)
-            step += 1
-            # ---- bookkeeping stays on the device: no host-device sync in the hot loop
-            smooth.lerp_(loss, 1 - BETA)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if step % tc.log_every == 0:
-                check_finite()
-                train_loss = smooth.item() / (1 - BETA**step)
-                logger.log_metrics({"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"]}, step)
-                bar.set_postfix(loss=f"{train_loss:.4f}")
-            for cycle in schedule.cycles_ended(pos, next_pos) if tc.checkpoints else []:
-                check_finite()  # never save a diverged model
-                path = save_checkpoint(out_dir / f"cycle_{cycle}.pt", model, cfg, step, epoch)
-                logger.log_artifact(path, "checkpoints")
-            stop = tc.max_steps is not None and step >= tc.max_steps
-            if stop:
-                break
-        bar.close()
-        check_finite()
-        metrics = evaluate(model, data)
-        if not math.isfinite(metrics["val_loss"]):
-            raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
-        logger.log_metrics({**metrics, "epoch": epoch + 1}, step)
-        log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if stop:
-            break
+    def save(name: str, epoch: int, batch: int) -> None:
+        check_finite()  # never save a diverged model over the last good one
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "config": OmegaConf.to_container(cfg, resolve=True), "epoch": epoch, "batch": batch,
+                 "step": step, "smooth": smooth.item(), "first_bad": int(first_bad.item()), "metrics": metrics,
+                 "loader": data.train.state_dict(), "hidden": getattr(model, "h", None), "rng": ckpt.rng_states()}
+        logger.log_artifact(ckpt.save(out_dir / name, state), "checkpoints")
 
-    if tc.checkpoints:
-        logger.log_artifact(save_checkpoint(out_dir / "final.pt", model, cfg, step, epoch), "checkpoints")
+    with ckpt.stop_requests() as signals:
+        for epoch in range(epoch0, tc.epochs):
+            model.train()
+            if batch0 == 0:
+                reset_state(model)
+            elif start is not None and start["hidden"] is not None:  # resumed mid-epoch: the carried state
+                model.h = start["hidden"]
+            n_batches = len(data.train)  # exact for this epoch, even with random BPTT lengths
+            bar = _progress(data.train, tc.progress, f"epoch {epoch + 1}/{tc.epochs}", n_batches, batch0)
+            started, n_targets = time.perf_counter(), 0
+            for i, (x, y) in enumerate(bar, start=batch0):
+                # ---- lr from the schedule (a pure function of the position in epochs) -> one step
+                pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
+                set_lr(optimizer, schedule(pos))
+                loss = train_step(model, optimizer, x, y, tc.clip_grad_norm)
+                step, n_targets = step + 1, n_targets + y.numel()
+                # ---- bookkeeping stays on the device: no host-device sync in the hot loop
+                smooth.lerp_(loss, 1 - BETA)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                if step % tc.log_every == 0:
+                    check_finite()
+                    train_loss = smooth.item() / (1 - BETA**step)
+                    logger.log_metrics({"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"]}, step)
+                    bar.set_postfix(loss=f"{train_loss:.4f}")
+                for cycle in schedule.cycles_ended(pos, next_pos) if tc.checkpoints else []:
+                    save(f"cycle_{cycle}.pt", epoch, i + 1)
+                if signals:  # SIGINT / SIGTERM: stop here, where every state is consistent
+                    save("last.pt", epoch, i + 1)
+                    raise ckpt.Interrupted(signals[0])
+                stop = tc.max_steps is not None and step >= tc.max_steps
+                if stop:
+                    break
+            bar.close()
+            batch0 = 0
+            check_finite()  # also waits for the device, so the clock below is honest
+            throughput = n_targets / (time.perf_counter() - started)  # characters or images per second
+            metrics = evaluate(model, data)
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
+            logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput}, step)
+            log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if stop or epoch + 1 == tc.epochs:
+                break
+            if tc.checkpoints:
+                save("last.pt", epoch + 1, 0)  # every epoch: what a crashed run resumes from
+            if signals:
+                raise ckpt.Interrupted(signals[0])
+        if tc.checkpoints:
+            save("final.pt", epoch + 1, 0)
+
     if data.kind == "text" and tc.sample.chars > 0:
         prompt = data.vocab.encode(data.prepare(tc.sample.prompt)).to(device)
         ids = generate(model, prompt, tc.sample.chars, tc.sample.temperature)

@@ -20,13 +20,14 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps import runner
 from lesson7_sweeps.config import register_schemas, validate
-from lesson7_sweeps.errors import ConfigError, UserError
+from lesson7_sweeps.errors import ConfigError, DataError, UserError
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
@@ -59,6 +60,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build(node: DictConfig, **runtime: object) -> object:
+    """Hydra's instantiate; a UserError raised by the target surfaces as itself, not wrapped."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
 def run_tags(device: torch.device) -> dict[str, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     tags = {**git_tags(), "device": str(device), "device_name": name, "torch": torch.__version__,
@@ -70,26 +81,30 @@ def run_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None) -> float:
     """Build everything from `cfg`, fit, and return the objective (the final value of cfg.objective).
 
+    `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns).
     Raises UserError (before any MLflow run exists) for bad config or data, and
     runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
     validate(cfg)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device)
-    data = instantiate(cfg.data, device=device, seed=cfg.seed)
-    model = instantiate(cfg.model, **data.model_args()).to(device)
+    data = build(cfg.data, device=device, seed=cfg.seed)
+    if expect_data is not None and data.fingerprint != expect_data:
+        raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
+                        f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
+    model = build(cfg.model, **data.model_args()).to(device)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
-    logger = instantiate(cfg.tracking)
+    logger = build(cfg.tracking)
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
         out_dir = hydra_dir or Path(tmp)
         params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
-                  "model.n_params": sum(p.numel() for p in model.parameters())}
-        logger.start(default_run_name(cfg), params, run_tags(device))
+                  "dataset.fingerprint": data.fingerprint, "model.n_params": sum(p.numel() for p in model.parameters())}
+        logger.start(default_run_name(cfg), params, {**run_tags(device), **(tags or {})})
         try:
             logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             if hydra_dir is not None:

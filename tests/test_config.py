@@ -71,11 +71,15 @@ def test_preflight_accepts_good_sweeps_and_expands_each_value():
     ]
 
 
-def test_cli_bad_config_exits_2_with_one_line_and_creates_no_run(tmp_path: Path):
+@pytest.mark.parametrize(("args", "expected"), [
+    (["model.dropout=1.5"], "lesson7-train: error: model.dropout=1.5 is invalid: must be in [0, 1)"),
+    (["data=text", "data.path=missing.txt"],
+     "lesson7-train: error: data.path=missing.txt does not exist; pass data.path=/path/to/text.txt"),
+])
+def test_cli_bad_input_exits_2_with_one_line_and_creates_no_run(tmp_path: Path, args: list[str], expected: str):
     db = tmp_path / "mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "lesson7_sweeps.train", "model.dropout=1.5",
-                           f"tracking.uri=sqlite:///{db}"], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "lesson7_sweeps.train", *args, f"tracking.uri=sqlite:///{db}"],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "lesson7-train: error: model.dropout=1.5 is invalid: must be in [0, 1)"]
+    assert proc.stderr.strip().splitlines() == [expected]
     assert not db.exists()  # nothing was started, so no store and no RUNNING run

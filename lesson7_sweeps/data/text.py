@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +87,8 @@ class BpttLoader:
             raise ValueError("random section lengths need a seeded rng")
         self.data, self.bptt, self.random_lengths, self.rng = data, bptt, random_lengths, rng
         self._lengths: list[int] | None = None  # the coming epoch's, once len() has drawn them
+        self._current: list[int] = []  # the epoch being iterated (for checkpoints)
+        self._skip = 0  # sections to skip at the next epoch start (resuming mid-epoch)
 
     def next_length(self) -> int:
         if not self.random_lengths:
@@ -109,11 +112,22 @@ class BpttLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         lengths = self._lengths if self._lengths is not None else self._draw_lengths()
-        self._lengths = None
-        i = 0
-        for seq_len in lengths:
+        self._lengths, self._current, skip, self._skip = None, lengths, self._skip, 0
+        i = sum(lengths[:skip])
+        for seq_len in lengths[skip:]:
             yield self.data[i : i + seq_len], self.data[i + 1 : i + 1 + seq_len].reshape(-1)
             i += seq_len
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rng (for later epochs) and the lengths of the epoch being iterated."""
+        return {"rng": self.rng.bit_generator.state if self.rng else None, "lengths": list(self._current)}
+
+    def load_state_dict(self, state: dict[str, Any], batch: int) -> None:
+        """Continue as the checkpointed loader would: mid-epoch (batch > 0) with that epoch's lengths."""
+        if self.rng is not None:
+            self.rng.bit_generator.state = state["rng"]
+        self._lengths = state["lengths"] if batch > 0 else None
+        self._skip = batch
 
 
 def _read(path: Path) -> str:
@@ -209,4 +223,4 @@ class TextData:
 
     def describe(self) -> dict[str, object]:
         return {"source": str(self.path), "train_chars": self.n_train, "valid_chars": self.n_valid,
-                "vocab_size": len(self.vocab), "sha256": self.fingerprint}
+                "vocab_size": len(self.vocab)}

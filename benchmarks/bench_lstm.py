@@ -1,0 +1,107 @@
+"""Runner vs a plain PyTorch loop on the lesson-6 LSTM: characters per second, and the ratio.
+
+Both sides train the same model shape (n_fac 42, 512 x 2 LSTM, dropout 0.5) on the same batchified
+Nietzsche text with the same section lengths (same seed), for the same number of steps, in one
+process, alternating, several times; we print the median of each and the median ratio.
+The runner side is the real thing: `train(cfg)` with `experiment=lesson6_lstm`, MLflow logging to a
+temporary sqlite store, throughput read back from the run (timed over the training steps only).
+
+    python benchmarks/bench_lstm.py --steps 300 --repeats 3 [--device cuda] [--text PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+from torch import nn
+
+from lesson7_sweeps.data.text import TextData
+from lesson7_sweeps.train import CONF_DIR, train
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/nietzsche.txt"
+
+
+class PlainLSTM(nn.Module):
+    """The notebook's CharSeqStatefulLSTM, as a PyTorch user would write it."""
+
+    def __init__(self, vocab_size: int, n_fac: int = 42, n_hidden: int = 512, n_layers: int = 2) -> None:
+        super().__init__()
+        self.e = nn.Embedding(vocab_size, n_fac)
+        self.rnn = nn.LSTM(n_fac, n_hidden, n_layers, dropout=0.5)
+        self.l_out = nn.Linear(n_hidden, vocab_size)
+        self.h = None
+
+    def forward(self, cs: torch.Tensor) -> torch.Tensor:
+        if self.h is None or self.h[0].size(1) != cs.size(1):
+            zeros = torch.zeros(self.rnn.num_layers, cs.size(1), self.rnn.hidden_size, device=cs.device)
+            self.h = (zeros, zeros.clone())
+        out, h = self.rnn(self.e(cs), self.h)
+        self.h = tuple(t.detach() for t in h)
+        return F.log_softmax(self.l_out(out), dim=-1).view(-1, self.l_out.out_features)
+
+
+def plain(text: Path, steps: int, device: str, seed: int) -> float:
+    """Characters per second of a minimal loop: same data, lengths, model shape, Adam 1e-2 wd 1e-5."""
+    torch.manual_seed(seed)
+    data = TextData(str(text), None, "", True, 3, 0.2, 64, 8, True, device=device, seed=seed)
+    model = PlainLSTM(len(data.vocab)).to(device)
+    opt = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=1e-5)
+    n, start = 0, time.perf_counter()
+    for i, (x, y) in enumerate(data.train):
+        loss = F.nll_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += y.numel()
+        if i + 1 == steps:
+            break
+    loss.item()  # wait for the device
+    return n / (time.perf_counter() - start)
+
+
+def runner(text: Path, steps: int, device: str, seed: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[
+                "experiment=lesson6_lstm", f"data.path={text}", f"seed={seed}", f"trainer.device={device}",
+                "trainer.epochs=1", f"trainer.max_steps={steps}", "trainer.sample.chars=0",
+                "trainer.checkpoints=false", "trainer.progress=off", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                f"tracking.artifact_location={tmp}/artifacts", "tracking.experiment=bench"])
+        train(cfg)
+        client = MlflowClient(cfg.tracking.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+        return run.data.metrics["throughput"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    args = ap.parse_args()
+    ours, ref = [], []
+    for r in range(args.repeats):  # alternate the order so drift on a noisy machine hits both sides
+        sides = [(ours, runner), (ref, plain)] if r % 2 == 0 else [(ref, plain), (ours, runner)]
+        for out, fn in sides:
+            out.append(fn(args.text, args.steps, args.device, seed=r))
+            print(f"  repeat {r}: {fn.__name__:6s} {out[-1]:,.0f} chars/s", flush=True)
+    ratios = [a / b for a, b in zip(ours, ref)]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    print(f"lesson6_lstm bs 64 bptt 8, {args.steps} steps x {args.repeats}, {name}, torch {torch.__version__}")
+    print(f"runner (MLflow on): {statistics.median(ours):,.0f} chars/s (median)")
+    print(f"plain PyTorch loop: {statistics.median(ref):,.0f} chars/s (median)")
+    print(f"ratio runner/plain: {statistics.median(ratios):.3f} (median; per repeat "
+          f"{', '.join(f'{x:.3f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
