@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps import runner
+from lesson7_sweeps.checkpoint import Interrupted
 from lesson7_sweeps.config import register_schemas, validate
 from lesson7_sweeps.errors import ConfigError, DataError, UserError
 from lesson7_sweeps.optim import build_optimizer
@@ -115,8 +117,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
                 result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir)[cfg.objective]
-        except KeyboardInterrupt:
-            logger.close("KILLED", "interrupted (SIGINT)")
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
+            logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
             raise
         except BaseException as e:
             logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -152,9 +154,12 @@ def cli() -> None:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the run was marked KILLED", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        saved = "; its checkpoint was saved" if isinstance(e, Interrupted) else ""
+        print(f"{PROG}: interrupted by {signal.Signals(signum).name}; the run was marked KILLED{saved}",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def lr_find_cli() -> None:

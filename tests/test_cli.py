@@ -44,7 +44,8 @@ def test_multirun_logs_every_job_and_a_failed_trial_does_not_stop_the_sweep(tmp_
     assert "data.bptt=" in some.data.tags["hydra_overrides"]
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path: Path, text_file: Path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path, text_file: Path, signum: int):
     cmd = [sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file),
            "trainer.epochs=1000", "trainer.log_every=1", f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -56,10 +57,13 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, text_file: Path):
             break
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "lesson7-train: interrupted; the run was marked KILLED"
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"lesson7-train: interrupted by {name}; the run was marked KILLED; its checkpoint was saved")
     (run,) = runs(tmp_path)
     assert run.info.status == "KILLED"
-    assert run.data.tags["failure_reason"] == "interrupted (SIGINT)"
+    assert run.data.tags["failure_reason"] == f"interrupted ({name})"
+    assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
