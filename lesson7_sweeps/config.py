@@ -188,6 +188,10 @@ class TrainerConfig:
     device: str = MISSING
     deterministic: bool = MISSING
     clip_grad_norm: Any = MISSING  # max global grad norm; null = no clipping
+    label_smoothing: float = MISSING
+    precision: str = MISSING
+    channels_last: str = MISSING
+    compile: bool = MISSING
     log_every: int = MISSING
     progress: str = MISSING
     checkpoints: bool = MISSING
@@ -202,6 +206,11 @@ class TrainerConfig:
                self.device, "use auto, cpu, cuda or cuda:N")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm",
                self.clip_grad_norm, "use a number > 0, or null for no clipping")
+        _check(0 <= self.label_smoothing < 1, "trainer.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _check(self.precision in ("auto", "fp32", "bf16"), "trainer.precision", self.precision,
+               "use auto, fp32 or bf16")
+        _check(self.channels_last in ("auto", "on", "off"), "trainer.channels_last", self.channels_last,
+               "use auto, on or off")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
         _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")

@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,42 @@ def set_lr(optimizer: Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, clip: float | None) -> Tensor:
+@dataclass
+class Precision:
+    """How batches run: bf16 autocast and channels_last pay off for convolutions on CUDA only."""
+
+    autocast: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def choose(cls, tc: DictConfig, device: torch.device, image: bool) -> Precision:
+        auto = device.type == "cuda" and image
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and auto)
+        last = tc.channels_last == "on" or (tc.channels_last == "auto" and auto)
+        return cls(torch.bfloat16 if bf16 else None, last)
+
+    def context(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc: DictConfig, prec: Precision) -> Tensor:
     """forward -> loss -> backward -> clip -> step; returns the loss, still on the device."""
-    loss = F.nll_loss(model(x), y)  # models return log-probabilities
+    with prec.context(x.device):
+        # models return log-probabilities; cross_entropy on them is the NLL (plus optional label smoothing)
+        loss = F.cross_entropy(model(prec.prepare(x)), y, label_smoothing=tc.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if tc.clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
     optimizer.step()
     return loss.detach()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
     """val_loss (nats per token), val_accuracy, and for text val_bpc (bits per character)."""
     model.eval()
     reset_state(model)
@@ -63,7 +87,8 @@ def evaluate(model: nn.Module, data: Any) -> dict[str, float]:
     correct = torch.zeros((), device=loss_sum.device)
     n = 0
     for x, y in data.valid:
-        out = model(x)
+        with prec.context(x.device):
+            out = model(prec.prepare(x)).float()
         loss_sum += F.nll_loss(out, y, reduction="sum")
         correct += (out.argmax(-1) == y).sum()
         n += y.numel()
@@ -91,6 +116,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
     `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop."""
     tc = cfg.trainer
     device = _device(model)
+    prec = Precision.choose(tc, device, data.kind == "image")
     smooth = torch.zeros((), device=device)  # EWMA of the loss, kept on the device
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, or -1
     epoch0, batch0, step, metrics, stop = 0, 0, 0, {}, False
@@ -128,7 +154,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 # ---- lr from the schedule (a pure function of the position in epochs) -> one step
                 pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
                 set_lr(optimizer, schedule(pos))
-                loss = train_step(model, optimizer, x, y, tc.clip_grad_norm)
+                loss = train_step(model, optimizer, x, y, tc, prec)
                 step, n_targets = step + 1, n_targets + y.numel()
                 # ---- bookkeeping stays on the device: no host-device sync in the hot loop
                 smooth.lerp_(loss, 1 - BETA)
@@ -150,7 +176,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             batch0 = 0
             check_finite()  # also waits for the device, so the clock below is honest
             throughput = n_targets / (time.perf_counter() - started)  # characters or images per second
-            metrics = evaluate(model, data)
+            metrics = evaluate(model, data, prec)
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
             logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput}, step)
@@ -178,6 +204,7 @@ def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, 
     loss exceeds stop_factor x the best seen. Logs the loss-vs-lr plot; returns the lr at the
     lowest smoothed loss divided by 10 (a usual pick)."""
     fc, tc = cfg.trainer.lr_finder, cfg.trainer
+    prec = Precision.choose(tc, _device(model), data.kind == "image")
     last_base = optimizer.param_groups[-1]["base_lr"]
     lrs: list[float] = []
     losses: list[float] = []
@@ -186,7 +213,7 @@ def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, 
     for step, (x, y) in enumerate(_endless(model, data.train), start=1):
         lr = fc.start_lr * (fc.end_lr / fc.start_lr) ** ((step - 1) / (fc.num_steps - 1))
         set_lr(optimizer, lr / last_base)
-        loss = train_step(model, optimizer, x, y, tc.clip_grad_norm).item()  # a diagnostic: syncing is fine
+        loss = train_step(model, optimizer, x, y, tc, prec).item()  # a diagnostic: syncing is fine
         smooth = BETA * smooth + (1 - BETA) * loss
         debiased = smooth / (1 - BETA**step)
         lrs.append(lr)

@@ -97,6 +97,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
         raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
     model = build(cfg.model, **data.model_args()).to(device)
+    if cfg.trainer.compile:
+        model.compile()  # in place: the module (and its reset()/hidden state) stays the same object
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
     logger = build(cfg.tracking)
