@@ -15,11 +15,14 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from lesson7_sweeps.errors import UserError
+
 log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class Logger(Protocol):
+    def check(self) -> None: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -31,6 +34,9 @@ class NullLogger:
     """tracking=none: the same interface, no MLflow."""
 
     run_id = None
+
+    def check(self) -> None:
+        pass
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         pass
@@ -50,18 +56,31 @@ class NullLogger:
 
 class MlflowLogger:
     """One MLflow run. Metrics are logged asynchronously (MLflow's own queue) so a slow store or
-    server never stalls the training loop; `close` waits for them before ending the run."""
+    server never stalls the training loop; `close` waits for them before ending the run.
+
+    A tracking server that does not answer at `prepare` fails at once (UserError naming the URI)
+    instead of sitting in MLflow's retry loop for minutes. A server that goes away *during* a run
+    costs nothing: every request (async metric batches, artifacts, the final status) goes through
+    MLflow's HTTP retries, which also retry a refused connection. With MLflow's defaults
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2) a request waits
+    0+4+8+16+32+64+120 s (+ up to 1 s jitter each), so a server back within ~4 minutes loses
+    nothing; those environment variables shorten or lengthen the window (MLflow reads them per
+    request, for the whole process, so we leave them to the user)."""
+
+    PROBE_TIMEOUT_S = 5  # one try, no retries: MLflow's own server-version probe does the same
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.run_name = run_name
         self.run_id: str | None = None
-        self._pending: list[Any] = []
+        self._pending: list[tuple[Any, list[Any]]] = []  # (MLflow's async operation, its metrics)
 
     def prepare(self) -> str:
-        """Create the store and the experiment if needed (once, before parallel jobs); its id."""
+        """Check the server answers, create the store and the experiment if needed (once, before
+        parallel jobs); the experiment's id."""
         from mlflow import MlflowClient
 
+        self.check()
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
@@ -77,6 +96,23 @@ class MlflowLogger:
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def check(self) -> None:
+        """A server must answer one GET of its /health (with the user's MLflow credentials and TLS
+        settings); a local store needs no check. Creates nothing."""
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        if not self.uri.startswith(("http://", "https://")):
+            return
+        try:
+            http_request(get_default_host_creds(self.uri), "/health", "GET", max_retries=0,
+                         timeout=self.PROBE_TIMEOUT_S)
+        except Exception as e:
+            raise UserError(
+                f"the MLflow tracking server {self.uri} does not answer ({_root_cause(e)}): start it "
+                f"(mlflow server --backend-store-uri sqlite:///mlflow.db --port PORT) or track to a local "
+                f"store with tracking.uri=sqlite:///ABS/PATH/mlflow.db (or MLFLOW_TRACKING_URI=...)") from None
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -95,7 +131,7 @@ class MlflowLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -107,16 +143,55 @@ class MlflowLogger:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def close(self, status: str, reason: str | None = None) -> None:
-        """End the run: FINISHED, FAILED (with the reason as a tag) or KILLED."""
+        """Wait for every metric, then end the run: FINISHED, FAILED (with the reason as a tag) or
+        KILLED. If the server stayed away past MLflow's retry window, say what was lost; that is a
+        UserError for a run that otherwise FINISHED, only an error log line for one that failed
+        (so it does not hide the error that ended it)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
         if self.run_id is None:
             return
-        for op in self._pending:
-            op.wait()
+        dropped = []
+        for op, batch in self._pending:
+            try:
+                op.wait()
+            except MlflowException:
+                dropped += batch
         self._pending.clear()
-        if reason:
-            self.client.set_tag(self.run_id, "failure_reason", reason)
-        self.client.set_terminated(self.run_id, status=status)
-        log.info("MLflow run %s ended %s", self.run_id, status)
+        # MLflow's async queue drops a batch whose HTTP retries ran out (it only logs an error), so
+        # we send those once more, synchronously: a server back by now still gets every metric.
+        lost, error = 0, None
+        for i in range(0, len(dropped), MAX_METRICS_PER_BATCH):
+            try:
+                self.client.log_batch(self.run_id, metrics=dropped[i : i + MAX_METRICS_PER_BATCH])
+            except MlflowException as e:
+                lost, error = len(dropped) - i, e
+                break
+        if dropped and not lost:
+            log.warning("re-sent %d metric values that MLflow's async logging had dropped", len(dropped))
+        if not lost:  # else the server is still away after one more retry window: ending would fail too
+            try:
+                if reason:
+                    self.client.set_tag(self.run_id, "failure_reason", reason)
+                self.client.set_terminated(self.run_id, status=status)  # retried by MLflow like the rest
+                log.info("MLflow run %s ended %s", self.run_id, status)
+            except MlflowException as e:
+                error = e
+        if error is not None:
+            msg = (f"MLflow at {self.uri} failed ({_root_cause(error)}): run {self.run_id} is left RUNNING "
+                   f"instead of {status} and {lost} of its metric values were not written")
+            if status != "FINISHED":
+                log.error(msg)
+                return
+            raise UserError(msg)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line: '[Errno 111] Connection refused', 'timed out', ..."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -92,6 +92,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
     validate(cfg)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device)
+    logger = build(cfg.tracking)
+    logger.check()  # an unreachable tracking server fails here, before any data or model work
     data = build(cfg.data, device=device, seed=cfg.seed)
     if expect_data is not None and data.fingerprint != expect_data:
         raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
@@ -101,7 +103,6 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
         model.compile()  # in place: the module (and its reset()/hidden state) stays the same object
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
-    logger = build(cfg.tracking)
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:

@@ -14,6 +14,4 @@ class PrepareTracking(Callback):
     jobs that each try to create (and migrate) a fresh sqlite store collide."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        logger = instantiate(config.tracking)
-        if hasattr(logger, "prepare"):
-            logger.prepare()
+        instantiate(config.tracking).prepare()
