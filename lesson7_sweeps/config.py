@@ -58,6 +58,26 @@ class TextDataConfig:
         _check(0 < self.valid_frac < 1, "data.valid_frac", self.valid_frac, "must be in (0, 1)")
 
 
+@dataclass
+class CifarDataConfig:
+    _target_: str = MISSING
+    root: str = MISSING  # torchvision's cifar-10-batches-py, a train/ + test/ class-folder layout, or a .tar.gz of it
+    cache_dir: Any = MISSING  # null = beside the source (or ~/.cache/lesson7_sweeps when read-only)
+    download: bool = MISSING
+    bs: int = MISSING
+    stats: str = MISSING
+    pad: int = MISSING
+    crop: bool = MISSING
+    flip: bool = MISSING
+    tta: bool = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.bs >= 1, "data.bs", self.bs, "the batch size must be >= 1")
+        _check(self.stats in ("lesson", "compute"), "data.stats", self.stats, "use lesson or compute")
+        _check(self.pad >= 0, "data.pad", self.pad, "must be >= 0 pixels")
+        _check(self.crop or self.pad == 0, "data.pad", self.pad, "padding only feeds the crop: set data.crop=true")
+
+
 # --- models ------------------------------------------------------------------------------------
 
 
@@ -79,6 +99,50 @@ class RNNModelConfig:
         _check(self.n_hidden >= 1, "model.n_hidden", self.n_hidden, "must be >= 1")
         _check(self.n_layers >= 1, "model.n_layers", self.n_layers, "must be >= 1")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class WidthsConfig:
+    """SimpleNet, ConvNet, ConvNet2: hidden widths only (input and class count are added)."""
+
+    _target_: str = MISSING
+    layers: list[int] = MISSING
+
+    def __post_init__(self) -> None:
+        _check(len(self.layers) > 0 and all(w >= 1 for w in self.layers), "model.layers", self.layers,
+               "give at least one width, each >= 1")
+
+
+@dataclass
+class BnNetConfig(WidthsConfig):
+    """ConvBnNet, ConvBnNet2, Resnet: BnLayer stages."""
+
+    bn: str = MISSING  # scratch = the lesson's BatchNorm; torch = nn.BatchNorm2d
+    running_stats: bool = MISSING  # eval with EWMA statistics; false = the last training batch's (lesson)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.bn in ("scratch", "torch"), "model.bn", self.bn, "use scratch or torch")
+
+
+@dataclass
+class Resnet2Config(BnNetConfig):
+    dropout: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class BlocksConfig(Resnet2Config):
+    """ResnetFull, PreactResnet: `blocks` residual blocks per width step."""
+
+    blocks: int = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.blocks >= 1, "model.blocks", self.blocks, "must be >= 1")
 
 
 # --- optimiser and schedule --------------------------------------------------------------------
@@ -239,8 +303,9 @@ class NoTrackingConfig:
 
 
 SCHEMAS = {
-    "data": {"text_schema": TextDataConfig},
-    "model": {"rnn_schema": RNNModelConfig},
+    "data": {"text_schema": TextDataConfig, "cifar_schema": CifarDataConfig},
+    "model": {"rnn_schema": RNNModelConfig, "widths_schema": WidthsConfig, "bnnet_schema": BnNetConfig,
+              "resnet2_schema": Resnet2Config, "blocks_schema": BlocksConfig},
     "optim": {"adam_schema": AdamConfig, "sgd_schema": SGDConfig},
     "schedule": {"schedule_schema": ScheduleConfig},
     "trainer": {"trainer_schema": TrainerConfig},

@@ -49,7 +49,8 @@ def variants(overrides: list[str]) -> list[list[str]]:
 def _one_line(e: Exception) -> str:
     """Hydra's/OmegaConf's message (and its cause) as one line, without search paths or key dumps."""
     if isinstance(e, MissingConfigException) and e.options:
-        return f"{e.missing_cfg_file}: no such option; choose one of {', '.join(sorted(e.options))}"
+        options = sorted(o for o in e.options if not o.endswith("_schema"))  # schemas are not choices
+        return f"{e.missing_cfg_file}: no such option; choose one of {', '.join(options)}"
     lines = []
     for exc in (e, e.__cause__):
         for line in str(exc or "").splitlines():

@@ -80,15 +80,20 @@ def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
-    """val_loss (nats per token), val_accuracy, and for text val_bpc (bits per character)."""
+    """val_loss (nats per target), val_accuracy; for text val_bpc (bits per character); for images
+    with data.tta, val_accuracy_tta (probabilities averaged over the test-time views)."""
     model.eval()
     reset_state(model)
+    tta = data.kind == "image" and data.tta
     loss_sum = torch.zeros((), device=_device(model))
-    correct = torch.zeros((), device=loss_sum.device)
+    correct, correct_tta = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
     n = 0
     for x, y in data.valid:
         with prec.context(x.device):
             out = model(prec.prepare(x)).float()
+            if tta:  # view 0 is the image itself: reuse its output
+                probs = out.exp() + sum(model(prec.prepare(v)).float().exp() for v in data.tta_views(x)[1:])
+                correct_tta += (probs.argmax(-1) == y).sum()
         loss_sum += F.nll_loss(out, y, reduction="sum")
         correct += (out.argmax(-1) == y).sum()
         n += y.numel()
@@ -97,6 +102,8 @@ def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
     metrics = {"val_loss": loss_sum.item() / n, "val_accuracy": correct.item() / n}
     if data.kind == "text":
         metrics["val_bpc"] = metrics["val_loss"] / math.log(2)
+    if tta:
+        metrics["val_accuracy_tta"] = correct_tta.item() / n
     return metrics
 
 
@@ -120,7 +127,10 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
     smooth = torch.zeros((), device=device)  # EWMA of the loss, kept on the device
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, or -1
     epoch0, batch0, step, metrics, stop = 0, 0, 0, {}, False
-    if start is not None:
+    if start is not None:  # continue exactly where the checkpoint was taken
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        data.train.load_state_dict(start["loader"], start["batch"])
         epoch0, batch0, step = start["epoch"], start["batch"], start["step"]
         smooth.fill_(start["smooth"])
         first_bad.fill_(start["first_bad"])

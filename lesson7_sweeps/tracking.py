@@ -24,6 +24,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 class Logger(Protocol):
     def check(self) -> None: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+    def resume(self, run_id: str, dest: Path) -> Path | None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -40,6 +41,9 @@ class NullLogger:
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         pass
+
+    def resume(self, run_id: str, dest: Path) -> Path | None:
+        raise UserError(f"resume={run_id} needs a tracking store to find the run in; drop tracking=none")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -73,6 +77,7 @@ class MlflowLogger:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.run_name = run_name
         self.run_id: str | None = None
+        self._logged: dict[str, int] = {}  # resumed run: the last step each metric already has
         self._pending: list[tuple[Any, list[Any]]] = []  # (MLflow's async operation, its metrics)
 
     def prepare(self) -> str:
@@ -126,11 +131,34 @@ class MlflowLogger:
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
         log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name or run_name, self.uri)
 
+    def resume(self, run_id: str, dest: Path) -> Path | None:
+        """Continue run `run_id`: mark it RUNNING again and download its latest checkpoint into
+        `dest` (None if it died before its first one). A resumed run replays the steps after that
+        checkpoint; values it had already logged for those steps are not logged twice."""
+        from mlflow.exceptions import MlflowException
+
+        self.prepare()
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise UserError(f"resume={run_id}: no such run in {self.uri}; check the run id and tracking.uri") from None
+        self.run_id = run_id
+        self._logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in run.data.metrics}
+        names = {a.path for a in self.client.list_artifacts(run_id, "checkpoints")}
+        path = None
+        if "checkpoints/last.pt" in names:
+            path = Path(self.client.download_artifacts(run_id, "checkpoints/last.pt", str(dest)))
+        self.client.update_run(run_id, status="RUNNING")
+        log.info("resuming MLflow run %s from %s", run_id, "its last checkpoint" if path else "the start")
+        return path
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged.get(k, -1)]
+        if not batch:
+            return
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -210,10 +238,12 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    """e.g. lstm-h512-bptt8: the model and the hyper-parameters sweeps vary most."""
-    name = cfg.model.get("kind") or cfg.model._target_.rsplit(".", 1)[-1].lower()
+    """e.g. lstm-h512-bptt8 or resnet2-16x32x64x128x256: the model and what sweeps vary most."""
+    name = cfg.model.kind if "kind" in cfg.model else cfg.model._target_.rsplit(".", 1)[-1].lower()
     if "n_hidden" in cfg.model:
         name += f"-h{cfg.model.n_hidden}"
+    if "layers" in cfg.model:
+        name += "-" + "x".join(str(w) for w in cfg.model.layers)
     if "bptt" in cfg.data:
         name += f"-bptt{cfg.data.bptt}"
     return name

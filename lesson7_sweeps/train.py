@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
 from lesson7_sweeps.config import register_schemas, validate
@@ -83,10 +84,12 @@ def run_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
-def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None) -> float:
+def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
+          resume: str | None = None) -> float:
     """Build everything from `cfg`, fit, and return the objective (the final value of cfg.objective).
 
-    `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns).
+    `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns);
+    `resume` is the id of a run to continue from its last checkpoint (in the same MLflow run).
     Raises UserError (before any MLflow run exists) for bad config or data, and
     runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
     validate(cfg)
@@ -106,20 +109,26 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
-        out_dir = hydra_dir or Path(tmp)
-        params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
-                  "dataset.fingerprint": data.fingerprint, "model.n_params": sum(p.numel() for p in model.parameters())}
-        logger.start(default_run_name(cfg), params, {**run_tags(device), **(tags or {})})
+        out_dir, start = hydra_dir or Path(tmp), None
+        if resume is not None:
+            path = logger.resume(resume, Path(tmp))
+            start = ckpt.load(path, device) if path is not None else None
+        else:
+            params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
+                      "dataset.fingerprint": data.fingerprint,
+                      "model.n_params": sum(p.numel() for p in model.parameters())}
+            logger.start(default_run_name(cfg), params, {**run_tags(device), **(tags or {})})
         try:
-            logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            if hydra_dir is not None:
-                logger.log_artifact(hydra_dir / ".hydra", ".hydra")
-            if data.kind == "text":
-                logger.log_text(data.vocab.to_json(), "vocab.json")
+            if resume is None:
+                logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                if hydra_dir is not None:
+                    logger.log_artifact(hydra_dir / ".hydra", ".hydra")
+                if data.kind == "text":
+                    logger.log_text(data.vocab.to_json(), "vocab.json")
             if "lr_find" in cfg and cfg.lr_find:  # appended by +lr_find=true, so it has no default
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
-                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir)[cfg.objective]
+                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
             logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
             raise

@@ -46,7 +46,8 @@ def test_impossible_values_are_one_line_errors_naming_the_key(override: str, key
 
 @pytest.mark.parametrize(("argv", "fragments"), [
     (["model.foo=1"], ["model.foo", "Key 'foo' not in"]),
-    (["model=nosuch"], ["model/nosuch", "choose one of", "gru, lstm, rnn"]),
+    (["model=nosuch"], ["model/nosuch", "choose one of convbnnet, convbnnet2, convnet, convnet2, gru, lstm, "
+                         "preact_resnet, resnet, resnet2, resnet_full, rnn, simplenet"]),
     (["model.n_hidden=abc"], ["model.n_hidden", "could not be converted to Integer"]),
     (["data.bs=1.5"], ["data.bs"]),
     (["-m", "optim.lr=1e-3,-1"], ["optim.lr=-1"]),  # the second value of a sweep is checked too
