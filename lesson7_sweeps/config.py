@@ -323,6 +323,7 @@ def register_schemas() -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every value; raise ConfigError with one line that names the key and what is allowed."""
     _check(isinstance(cfg.seed, int), "seed", cfg.seed, "use an integer")
+    _check(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume, "give an MLflow run id")
     _check(cfg.objective in OBJECTIVES, "objective", cfg.objective, f"use one of {', '.join(OBJECTIVES)}")
     for group in SCHEMAS:
         try:

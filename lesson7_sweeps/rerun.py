@@ -20,13 +20,14 @@ import re
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import _locate
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from mlflow import MlflowClient
@@ -40,7 +41,7 @@ from lesson7_sweeps.config import SCHEMAS, validate
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.runner import TrainingDiverged
 from lesson7_sweeps.tracking import MlflowLogger, git_tags
-from lesson7_sweeps.train import CONF_DIR, train
+from lesson7_sweeps.train import CONF_DIR, train_run
 
 PROG = "lesson7-rerun"
 # Packages whose callables a config read back from a tracking server may instantiate.
@@ -48,6 +49,16 @@ ALLOWED_TARGETS = ("lesson7_sweeps", "torch.nn", "torch.optim")
 _TARGET_PATH = re.compile(rf"^({'|'.join(map(re.escape, ALLOWED_TARGETS))})(\.[A-Za-z]\w*)+$")
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TIMING_METRICS = frozenset({"throughput"})  # wall-clock measurements: never equal between two runs
+
+
+@contextmanager
+def _composing() -> Iterator[None]:
+    """Hydra's compose() over conf/; inside a running lesson7-train (resume) Hydra is set up already."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
 
 
 # --- the stored config: safety checks ----------------------------------------------------------
@@ -148,7 +159,7 @@ def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False
     defaults (a warning names them). Top-level keys the run appended (`+lr_find=true` in its
     `hydra_overrides` tag) are kept."""
     stored_tree = OmegaConf.to_container(stored)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with _composing():
         defaults = compose("train", return_hydra_config=True).hydra.runtime.choices
         choices = [f"{g}={_pick_option(g, stored_tree.get(g), [tags.get(f'choice.{g}'), defaults.get(g)])}"
                    for g in SCHEMAS]
@@ -217,7 +228,7 @@ def _first_line(e: BaseException) -> str:
 
 def default_uri() -> str:
     """lesson7-train's store: MLFLOW_TRACKING_URI, else the default of conf/tracking/mlflow.yaml."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with _composing():
         return compose("train", overrides=["tracking=mlflow"]).tracking.uri
 
 
@@ -272,13 +283,6 @@ def check_code(run_tags: dict[str, str], strict: bool) -> None:
     print(f"{PROG}: warning: {problem}", file=sys.stderr)
 
 
-def find_new_run(client: MlflowClient, experiment: str, run_id: str, since_ms: int) -> Run:
-    """The rerun train() just made (train() returns the objective, not the run)."""
-    exp = client.get_experiment_by_name(experiment)
-    query = f"tags.rerun_of = '{run_id}' and attributes.start_time >= {since_ms}"
-    return client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)[0]
-
-
 def comparison(original: dict[str, float], rerun: dict[str, float]) -> str:
     """An aligned table of the final metrics both runs have, and a verdict that ignores timing metrics."""
     names = sorted(original.keys() & rerun.keys())
@@ -317,11 +321,9 @@ def rerun(args: argparse.Namespace) -> None:
     fingerprint = run.data.params.get("dataset.fingerprint")
     if fingerprint is None and not args.force:
         print(f"{PROG}: warning: the run recorded no dataset.fingerprint; the data cannot be checked", file=sys.stderr)
-    since_ms = int(time.time() * 1000)
-    train(cfg, tags={"rerun_of": args.run_id, "rerun_overrides": " ".join(args.overrides)},
-          expect_data=None if args.force else fingerprint)
-
-    new = find_new_run(client, cfg.tracking.experiment, args.run_id, since_ms)
+    outcome = train_run(cfg, tags={"rerun_of": args.run_id, "rerun_overrides": " ".join(args.overrides)},
+                        expect_data=None if args.force else fingerprint)
+    new = client.get_run(outcome.run_id)
     if fingerprint is not None and new.data.params.get("dataset.fingerprint") != fingerprint:
         print(f"{PROG}: warning: the rerun trained on other data than the run (--force)", file=sys.stderr)
     where = uri

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import numpy as np
@@ -84,9 +85,19 @@ def run_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
-def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
-          resume: str | None = None) -> float:
-    """Build everything from `cfg`, fit, and return the objective (the final value of cfg.objective).
+class Outcome(NamedTuple):
+    objective: float  # the final value of cfg.objective (lr finder: the suggested lr)
+    run_id: str | None  # the MLflow run (None with tracking=none)
+
+
+def train(cfg: DictConfig) -> float:
+    """Build everything from `cfg`, fit, and return the objective (what sweepers minimise)."""
+    return train_run(cfg).objective
+
+
+def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
+              resume: str | None = None) -> Outcome:
+    """Build everything from `cfg`, fit, and return the objective and the MLflow run.
 
     `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns);
     `resume` is the id of a run to continue from its last checkpoint (in the same MLflow run).
@@ -136,7 +147,22 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str 
             logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
         logger.close("FINISHED")
-    return result
+    return Outcome(result, logger.run_id)
+
+
+def resume_run(cfg: DictConfig) -> float:
+    """`lesson7-train resume=RUN_ID`: continue that run in the store at tracking.uri, with the run's
+    own config (rebuilt from its artifacts, `_target_`s allow-listed), from its last checkpoint."""
+    from lesson7_sweeps.rerun import read_run, rebuild_config  # rerun imports this module
+
+    if "uri" not in cfg.tracking:
+        raise ConfigError(f"resume={cfg.resume} needs the MLflow store the run is in; drop tracking=none")
+    _, run, stored = read_run(cfg.tracking.uri, cfg.resume)
+    run_cfg, notes = rebuild_config(stored, run.data.tags)
+    for note in notes:
+        log.warning(note)
+    run_cfg.tracking.uri = cfg.tracking.uri
+    return train_run(run_cfg, resume=cfg.resume).objective
 
 
 def _is_multirun() -> bool:
@@ -147,7 +173,7 @@ def _is_multirun() -> bool:
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
-        return train(cfg)
+        return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if _is_multirun():
             log.error("trial failed, objective +inf: %s", e)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import tiny_overrides
+from .conftest import make_text, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +67,55 @@ def test_a_signal_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path, te
     assert run.info.status == "KILLED"
     assert run.data.tags["failure_reason"] == f"interrupted ({name})"
     assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Path):
+    """Two CPU runs are stopped during their second epoch, one by SIGKILL (it resumes from the last
+    epoch-end checkpoint and replays the lost steps), one by SIGTERM (it saves a mid-epoch
+    checkpoint: loader position, hidden state, RNGs). Both resume with resume=RUN_ID in the same
+    MLflow run and end with the same metrics, at the same steps, as a run never interrupted."""
+    text = tmp_path / "long.txt"
+    text.write_text(make_text(20000), encoding="utf-8")
+    args = [*tiny_overrides(tmp_path, text), "trainer.epochs=3", "trainer.log_every=5", "schedule=sgdr",
+            "trainer.deterministic=true", "model.dropout=0.0"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def launch(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "lesson7_sweeps.train", *args, *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+    def finish(proc: subprocess.Popen) -> None:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+    def run_named(name: str):
+        return next(r for r in runs(tmp_path) if r.info.run_name == name)
+
+    finish(launch("tracking.run_name=straight", f"hydra.run.dir={tmp_path}/straight"))
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        name = signal.Signals(signum).name
+        proc = launch(f"tracking.run_name={name}", f"hydra.run.dir={tmp_path}/{name}")
+        deadline = time.time() + 180
+        while time.time() < deadline:  # stop it once the second epoch is well under way
+            found = [r for r in runs(tmp_path) if r.info.run_name == name]
+            epochs = client.get_metric_history(found[0].info.run_id, "epoch") if found else []
+            losses = client.get_metric_history(found[0].info.run_id, "train_loss") if epochs else []
+            if epochs and max(m.step for m in losses) > epochs[0].step + 10:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        proc.communicate(timeout=60)
+        stopped = run_named(name)
+        assert stopped.info.status == ("RUNNING" if signum == signal.SIGKILL else "KILLED")
+        finish(launch(f"resume={stopped.info.run_id}", f"hydra.run.dir={tmp_path}/{name}-resumed"))
+
+    assert sorted(r.info.run_name for r in runs(tmp_path)) == ["SIGKILL", "SIGTERM", "straight"]
+    straight = run_named("straight")
+    for name in ("SIGKILL", "SIGTERM"):
+        resumed = run_named(name)
+        assert resumed.info.status == "FINISHED"
+        for key in ("train_loss", "lr", "val_loss", "val_accuracy", "val_bpc", "epoch"):
+            got = sorted((m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, key))
+            want = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, key))
+            assert got == want, (name, key)  # same steps, same values, no duplicates
