@@ -84,3 +84,27 @@ def test_cli_bad_input_exits_2_with_one_line_and_creates_no_run(tmp_path: Path, 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [expected]
     assert not db.exists()  # nothing was started, so no store and no RUNNING run
+
+
+BAD_CONFIGS = [  # (argv, the key the one-line error must name)
+    (["model=transformer"], "model/transformer"), (["model.n_hiden=64"], "model.n_hiden"),
+    (["model.n_hidden=big"], "model.n_hidden"), (["optim.lr=0"], "optim.lr"), (["optim.lr=-0.1"], "optim.lr"),
+    (["data.bptt=0"], "data.bptt"), (["data.bs=0"], "data.bs"), (["model=resnet2", "model.layers=[]"], "model.layers"),
+    (["model.n_layers=0"], "model.n_layers"), (["model.dropout=1"], "model.dropout"),
+    (["model.dropout=-0.5"], "model.dropout"), (["trainer.epochs=0"], "trainer.epochs"),
+    (["-m", "data.bptt=8,0"], "data.bptt"), (["schedule=cosine"], "schedule/cosine"),
+]
+
+
+@pytest.mark.parametrize(("argv", "key"), BAD_CONFIGS)
+def test_every_bad_config_is_one_line_exit_2_and_no_run(monkeypatch, capsys, tmp_path: Path, argv, key):
+    from lesson7_sweeps.train import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lesson7-train", *argv, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lesson7-train: error: ") and key in err[0], err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

@@ -107,3 +107,17 @@ def test_lr_finder_logs_its_plot(make_cfg, tmp_path: Path):
 def test_other_models_and_loop_cells_train(make_cfg, tmp_path: Path, model: str):
     assert math.isfinite(train(make_cfg(f"model={model}", "model.cell=loop", "trainer.epochs=1",
                                         tracking=False)))
+
+
+def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path):
+    phases = "[{kind: constant, epochs: 1, lr_mult: 1.0}, {kind: constant, epochs: null, lr_mult: 1e20}]"
+    with pytest.raises(TrainingDiverged):  # epoch 1 trains well, then the lr explodes
+        train(make_cfg("optim=sgd", "optim.lr=0.5", "optim.momentum=0", f"schedule.phases={phases}",
+                       "trainer.epochs=3", "trainer.log_every=1"))
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    assert artifacts(client, run.info.run_id, "checkpoints") == {"checkpoints/last.pt"}
+    ckpt = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path)),
+                      weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["batch"] == 0  # saved at the end of the good epoch
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
