@@ -119,3 +119,31 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
             got = sorted((m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, key))
             want = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, key))
             assert got == want, (name, key)  # same steps, same values, no duplicates
+
+
+def test_parallel_trials_on_one_sqlite_store_lose_nothing(tmp_path: Path, text_file: Path):
+    """Three trials write to one sqlite store at once (as a parallel launcher runs them), after the
+    store and experiment were created once (what the multirun callback does)."""
+    from lesson7_sweeps.tracking import MlflowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowLogger(uri, "test", str(tmp_path / "artifacts"), None).prepare()
+    procs = [subprocess.Popen([sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file),
+                               "trainer.log_every=1", f"seed={seed}", f"tracking.run_name=trial{seed}",
+                               f"hydra.run.dir={tmp_path}/trial{seed}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for seed in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    client = MlflowClient(uri)
+    found = runs(tmp_path)
+    assert sorted(r.info.run_name for r in found) == ["trial0", "trial1", "trial2"]
+    written = 0
+    for run in found:
+        assert run.info.status == "FINISHED"
+        last = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, last + 1))  # every step once: none lost, none doubled
+        written += len(steps)
+    print(f"parallel trials: 3 runs, {written} train_loss values written, 0 lost")
