@@ -12,19 +12,18 @@ temporary sqlite store, throughput read back from the run (timed over the traini
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import compare, runner_throughput  # benchmarks/common.py
 from hydra import compose, initialize_config_dir
-from mlflow import MlflowClient
 from torch import nn
 
 from lesson7_sweeps.data.text import TextData
-from lesson7_sweeps.train import CONF_DIR, train
+from lesson7_sweeps.train import CONF_DIR
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/nietzsche.txt"
 
@@ -67,20 +66,6 @@ def plain(text: Path, steps: int, device: str, seed: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def runner(text: Path, steps: int, device: str, seed: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[
-                "experiment=lesson6_lstm", f"data.path={text}", f"seed={seed}", f"trainer.device={device}",
-                "trainer.epochs=1", f"trainer.max_steps={steps}", "trainer.sample.chars=0",
-                "trainer.checkpoints=false", "trainer.progress=off", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                f"tracking.artifact_location={tmp}/artifacts", "tracking.experiment=bench"])
-        train(cfg)
-        client = MlflowClient(cfg.tracking.uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
-        return run.data.metrics["throughput"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -88,19 +73,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     args = ap.parse_args()
-    ours, ref = [], []
-    for r in range(args.repeats):  # alternate the order so drift on a noisy machine hits both sides
-        sides = [(ours, runner), (ref, plain)] if r % 2 == 0 else [(ref, plain), (ours, runner)]
-        for out, fn in sides:
-            out.append(fn(args.text, args.steps, args.device, seed=r))
-            print(f"  repeat {r}: {fn.__name__:6s} {out[-1]:,.0f} chars/s", flush=True)
-    ratios = [a / b for a, b in zip(ours, ref)]
+
+    def runner(seed: int) -> float:
+        with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return runner_throughput(compose("train", overrides=[
+                "experiment=lesson6_lstm", f"data.path={args.text}", f"seed={seed}", f"trainer.device={args.device}",
+                "trainer.epochs=1", f"trainer.max_steps={args.steps}", "trainer.sample.chars=0",
+                "trainer.checkpoints=false", "trainer.progress=off", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                f"tracking.artifact_location={tmp}/artifacts", "tracking.experiment=bench"]))
+
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     print(f"lesson6_lstm bs 64 bptt 8, {args.steps} steps x {args.repeats}, {name}, torch {torch.__version__}")
-    print(f"runner (MLflow on): {statistics.median(ours):,.0f} chars/s (median)")
-    print(f"plain PyTorch loop: {statistics.median(ref):,.0f} chars/s (median)")
-    print(f"ratio runner/plain: {statistics.median(ratios):.3f} (median; per repeat "
-          f"{', '.join(f'{x:.3f}' for x in ratios)})")
+    compare(args.repeats, runner, lambda seed: plain(args.text, args.steps, args.device, seed), "chars/s")
 
 
 if __name__ == "__main__":
