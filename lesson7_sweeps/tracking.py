@@ -23,6 +23,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 class Logger(Protocol):
     def check(self) -> None: ...
+    def prepare(self) -> object: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
     def resume(self, run_id: str, dest: Path) -> Path | None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -37,6 +38,9 @@ class NullLogger:
     run_id = None
 
     def check(self) -> None:
+        pass
+
+    def prepare(self) -> None:
         pass
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:

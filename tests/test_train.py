@@ -121,3 +121,13 @@ def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path):
                       weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["batch"] == 0  # saved at the end of the good epoch
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+def test_multirun_callback_prepares_the_store_once_before_jobs(make_cfg, tmp_path: Path, tracking: bool):
+    from lesson7_sweeps.sweeps.callbacks import PrepareTracking
+
+    PrepareTracking().on_multirun_start(make_cfg(tracking=tracking))
+    assert (tmp_path / "mlflow.db").exists() == tracking
+    if tracking:
+        assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("test") is not None
