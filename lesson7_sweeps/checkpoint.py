@@ -30,6 +30,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
 
 
+def interrupt_signal(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The signal that stopped training, and the conventional exit code for it (128 + number)."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    return signal.Signals(signum).name, 128 + signum
+
+
 def rng_states() -> dict[str, Any]:
     state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (state[0], torch.from_numpy(state[1].copy()), *state[2:]),

@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lesson7_sweeps.checkpoint import Interrupted
+from lesson7_sweeps.checkpoint import interrupt_signal
 from lesson7_sweeps.config import SCHEMAS, validate
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.runner import TrainingDiverged
@@ -363,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"{PROG}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+        name, code = interrupt_signal(e)
+        print(f"{PROG}: interrupted by {name}", file=sys.stderr)
+        return code
     finally:
         pkg.removeHandler(handler)
         pkg.setLevel(level)

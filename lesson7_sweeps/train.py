@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import random
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -193,11 +192,10 @@ def cli() -> None:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        name, code = ckpt.interrupt_signal(e)
         saved = "; its checkpoint was saved" if isinstance(e, Interrupted) else ""
-        print(f"{PROG}: interrupted by {signal.Signals(signum).name}; the run was marked KILLED{saved}",
-              file=sys.stderr)
-        sys.exit(128 + signum)
+        print(f"{PROG}: interrupted by {name}; the run was marked KILLED{saved}", file=sys.stderr)
+        sys.exit(code)
 
 
 def lr_find_cli() -> None:
