@@ -81,7 +81,9 @@ class MlflowLogger:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.run_name = run_name
         self.run_id: str | None = None
-        self._logged: dict[str, int] = {}  # resumed run: the last step each metric already has
+        # resumed run: the steps each metric already has. A set, not the highest step: MLflow's async
+        # queue writes batches from a thread pool, so a killed run can hold step 210 but not 205.
+        self._logged: dict[str, set[int]] = {}
         self._pending: list[tuple[Any, list[Any]]] = []  # (MLflow's async operation, its metrics)
 
     def prepare(self) -> str:
@@ -147,7 +149,7 @@ class MlflowLogger:
         except MlflowException:
             raise UserError(f"resume={run_id}: no such run in {self.uri}; check the run id and tracking.uri") from None
         self.run_id = run_id
-        self._logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in run.data.metrics}
+        self._logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in run.data.metrics}
         names = {a.path for a in self.client.list_artifacts(run_id, "checkpoints")}
         path = None
         if "checkpoints/last.pt" in names:
@@ -160,7 +162,7 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged.get(k, -1)]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step not in self._logged.get(k, ())]
         if not batch:
             return
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
