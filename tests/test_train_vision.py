@@ -71,5 +71,5 @@ def test_lesson7_presets_compose_with_the_lesson_settings():
         cfg = compose("train", overrides=["experiment=lesson7_resnet2"])
     assert cfg.model._target_.endswith("Resnet2") and cfg.model.layers == [16, 32, 64, 128, 256]
     assert (cfg.data.bs, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == (256, 1e-2, 1e-6, 0.9)
-    assert [p.epochs for p in cfg.schedule.phases] == [2, 7] and cfg.trainer.epochs == 9
+    assert [p.epochs for p in cfg.schedule.phases] == [2, 7, 32] and cfg.trainer.epochs == 41
     assert not cfg.model.running_stats  # the lesson's BnLayer: eval with the last training batch's statistics

@@ -84,12 +84,13 @@ class ConvLayer(nn.Module):
 class BnLayer(nn.Module):
     """The lesson's conv block: conv (no bias: the norm's shift replaces it), ReLU, then batch norm.
 
-    BN after the ReLU is the lesson's order, kept for fidelity.
+    BN after the ReLU is the lesson's order, kept for fidelity. So is padding 1 for every kernel
+    size: Resnet2's 7x7 stem turns 32x32 images into 28x28 maps, as in the notebook.
     """
 
     def __init__(self, ni: int, nf: int, stride: int = 2, kernel_size: int = 3, *, bn: str, running_stats: bool):
         super().__init__()
-        self.conv = nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=1, bias=False)
         self.norm = batch_norm(nf, bn, running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
