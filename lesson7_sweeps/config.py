@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.errors import ConfigError
 
-OBJECTIVES = ("val_loss", "val_bpc", "val_accuracy", "val_accuracy_tta")
+# what `objective` may name, and which way a sweep optimises it
+OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize"}
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -250,6 +251,7 @@ class TrainerConfig:
     epochs: int = MISSING
     max_steps: Any = MISSING  # cap on optimizer steps (smoke runs); null = no cap
     device: str = MISSING
+    threads: str = MISSING  # auto or a number >= 1
     deterministic: bool = MISSING
     clip_grad_norm: Any = MISSING  # max global grad norm; null = no clipping
     label_smoothing: float = MISSING
@@ -268,6 +270,8 @@ class TrainerConfig:
                "trainer.max_steps", self.max_steps, "use an integer >= 1, or null for no cap")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "trainer.device",
                self.device, "use auto, cpu, cuda or cuda:N")
+        _check(self.threads == "auto" or (self.threads.isdigit() and int(self.threads) >= 1), "trainer.threads",
+               self.threads, "use auto or a number of threads >= 1")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm",
                self.clip_grad_norm, "use a number > 0, or null for no clipping")
         _check(0 <= self.label_smoothing < 1, "trainer.label_smoothing", self.label_smoothing, "must be in [0, 1)")
@@ -292,6 +296,8 @@ class MlflowTrackingConfig:
     experiment: str = MISSING
     artifact_location: Any = MISSING  # null = MLflow's default for the store
     run_name: Any = MISSING  # null = derived from the model and its key hyper-parameters
+    log_model: bool = MISSING
+    system_metrics: bool = MISSING
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "give a non-empty name")

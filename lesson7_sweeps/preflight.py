@@ -62,13 +62,26 @@ def _one_line(e: Exception) -> str:
     return "; ".join(dict.fromkeys(lines))
 
 
+def _sweeper_params(config_name: str, overrides: list[str]) -> list[str]:
+    """A sweep preset's `hydra.sweeper.params` as overrides, for the keys the command line leaves alone."""
+    try:
+        hc = compose(config_name, overrides=variants(overrides)[0], return_hydra_config=True).hydra
+    except (HydraException, OmegaConfBaseException):
+        return []  # composing each variant reports it
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items() if k not in given]
+
+
 def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
     """Raise ConfigError (one line) if any job of this command line would get a bad config."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):
         return  # --help, --cfg, --config-name ...: Hydra's own business
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for overrides in variants([a for a in argv if not a.startswith("-")]):
+        given = [a for a in argv if not a.startswith("-")]
+        if flags:  # a multirun: a preset's hydra.sweeper.params are sweeps too
+            given += _sweeper_params(config_name, given)
+        for overrides in variants(given):
             try:
                 cfg = compose(config_name, overrides=overrides)
             except (HydraException, OmegaConfBaseException) as e:

@@ -204,6 +204,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         prompt = data.vocab.encode(data.prepare(tc.sample.prompt)).to(device)
         ids = generate(model, prompt, tc.sample.chars, tc.sample.temperature)
         logger.log_text(tc.sample.prompt + data.vocab.decode(ids), "sample.txt")
+    logger.log_metrics({"objective": metrics[cfg.objective]}, step)  # one name, whatever the objective
     return metrics
 
 

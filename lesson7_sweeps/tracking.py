@@ -22,6 +22,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class Logger(Protocol):
+    run_id: str | None
+
     def check(self) -> None: ...
     def prepare(self) -> object: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
@@ -29,6 +31,8 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_model(self, model: Any) -> None: ...
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None: ...
     def close(self, status: str, reason: str | None = None) -> None: ...
 
 
@@ -58,6 +62,12 @@ class NullLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
+    def log_model(self, model: Any) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        pass
+
     def close(self, status: str, reason: str | None = None) -> None:
         pass
 
@@ -77,10 +87,12 @@ class MlflowLogger:
 
     PROBE_TIMEOUT_S = 5  # one try, no retries: MLflow's own server-version probe does the same
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None,
+                 log_model: bool = False, system_metrics: bool = False) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
-        self.run_name = run_name
+        self.run_name, self.log_model_enabled, self.system_metrics = run_name, log_model, system_metrics
         self.run_id: str | None = None
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor, when tracking.system_metrics
         # resumed run: the steps each metric already has. A set, not the highest step: MLflow's async
         # queue writes batches from a thread pool, so a killed run can hold step 210 but not 205.
         self._logged: dict[str, set[int]] = {}
@@ -98,8 +110,12 @@ class MlflowLogger:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        # artifact_location only makes sense for a local store; a server decides its own
-        location = self.artifact_location if self.uri.startswith("sqlite:") else None
+        # artifact_location only makes sense for a local store (default: beside its sqlite file); a
+        # server decides its own
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            location = self.artifact_location or str(db.parent / "mlartifacts")
         try:
             return self.client.create_experiment(self.experiment, artifact_location=location)
         except Exception:  # another job created it between our lookup and create
@@ -130,12 +146,28 @@ class MlflowLogger:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         experiment_id = self.prepare()
-        run = self.client.create_run(experiment_id, run_name=self.run_name or run_name, tags=tags)
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-        log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name or run_name, self.uri)
+        log.info("MLflow run %s (%s) in %s", self.run_id, run_name, self.uri)
+        self._start_system_metrics()
+
+    def attach(self, run_id: str) -> None:
+        """Write into an existing run (a sweep's parent found again), marking it RUNNING."""
+        self.prepare()
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own CPU/GPU utilisation and memory sampler, logged into this run (opt-in)."""
+        if not self.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+        self._monitor.start()
 
     def resume(self, run_id: str, dest: Path) -> Path | None:
         """Continue run `run_id`: mark it RUNNING again and download its latest checkpoint into
@@ -176,6 +208,58 @@ class MlflowLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_model(self, model: Any) -> None:
+        """The trained module as an MLflow 3 logged model of this run, so that
+        `mlflow.pytorch.load_model("runs:/RUN_ID/model")` gives a working module (tracking.log_model).
+        MLflow pickles the module: load it only from a store you trust. This project's own tools
+        never load it (rerun and resume read the weights-only checkpoints)."""
+        if not self.log_model_enabled:
+            return
+        from importlib.metadata import version
+
+        import mlflow.pytorch
+
+        # log_model finds the store and the experiment of the model through MLflow's global state
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its pickle caution: said above, once
+        mlflow.pytorch.log_model(model, name="model", run_id=self.run_id, serialization_format="pickle",
+                                 pip_requirements=[f"torch=={version('torch')}"])
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        """Tags on this run, or on another run of the store (`run_id`)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def last_step(self, run_id: str, key: str) -> int | None:
+        from mlflow import MlflowClient
+
+        return max((m.step for m in MlflowClient(self.uri).get_metric_history(run_id, key)), default=None)
+
+    def end_run(self, run_id: str, status: str, reason: str) -> None:
+        """End another run of this store (a sweep's trial left RUNNING by a worker that died)."""
+        self.client.set_tag(run_id, "failure_reason", reason)
+        self.client.set_terminated(run_id, status=status)
+
+    def search(self, filter_string: str, order_by: list[str] | None = None, max_results: int = 50000,
+               all_experiments: bool = False, experiment_id: str | None = None) -> list[Any]:
+        """Runs matching an MLflow filter, in this logger's experiment (or `experiment_id`, or every
+        experiment)."""
+        from mlflow import MlflowClient
+        from mlflow.entities import ViewType
+
+        self.check()
+        client = MlflowClient(self.uri)
+        if all_experiments:
+            ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        elif experiment_id is not None:
+            ids = [experiment_id]
+        else:
+            exp = client.get_experiment_by_name(self.experiment)
+            ids = [] if exp is None else [exp.experiment_id]
+        return list(client.search_runs(ids, filter_string, order_by=order_by, max_results=max_results)) if ids else []
+
     def close(self, status: str, reason: str | None = None) -> None:
         """Wait for every metric, then end the run: FINISHED, FAILED (with the reason as a tag) or
         KILLED. If the server stayed away past MLflow's retry window, say what was lost; that is a
@@ -186,6 +270,9 @@ class MlflowLogger:
 
         if self.run_id is None:
             return
+        if self._monitor is not None:
+            self._monitor.finish()  # its last sample, before the run ends
+            self._monitor = None
         dropped = []
         for op, batch in self._pending:
             try:

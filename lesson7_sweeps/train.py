@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +32,7 @@ from lesson7_sweeps.config import register_schemas, validate
 from lesson7_sweeps.errors import ConfigError, DataError, UserError
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
+from lesson7_sweeps.sweeps import parent as sweep
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,34 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def trials_at_once() -> int:
+    """How many trials of this multirun run at the same time (1 outside a parallel sweep): the
+    joblib launcher's n_jobs, else a sweeper's n_jobs (-1 = one per core)."""
+    if not sweep.is_multirun():
+        return 1
+    hc = HydraConfig.get()
+    n = hc.launcher.get("n_jobs") or hc.sweeper.get("n_jobs") or 1
+    return os.cpu_count() or 1 if n < 0 else n
+
+
+def set_threads(setting: str) -> int:
+    """torch's CPU threads: `auto` gives each of N parallel trials cores / N (OpenMP threads of two
+    processes on the same cores stall each other: a 1-step run took 47 s instead of 5 s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if setting != "auto":
+        torch.set_num_threads(int(setting))
+    elif trials_at_once() > 1:
+        torch.set_num_threads(max(1, cores // trials_at_once()))
+    return torch.get_num_threads()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if trials_at_once() > 1 and torch.cuda.device_count() > 1:  # parallel trials: spread over the GPUs
+            return torch.device(f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}")
+        return torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
     return torch.device(name)
@@ -104,6 +129,7 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
     validate(cfg)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
+    threads = set_threads(cfg.trainer.threads)
     device = pick_device(cfg.trainer.device)
     logger = build(cfg.tracking)
     logger.check()  # an unreachable tracking server fails here, before any data or model work
@@ -118,8 +144,10 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    lr_finding = "lr_find" in cfg and cfg.lr_find  # appended by +lr_find=true, so it has no default
+    run_type = "lr_find" if lr_finding else "rerun" if tags and "rerun_of" in tags else "train"
     with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
-        out_dir, start = hydra_dir or Path(tmp), None
+        start = None
         if resume is not None:
             path = logger.resume(resume, Path(tmp))
             start = ckpt.load(path, device) if path is not None else None
@@ -127,7 +155,13 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
             params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
                       "dataset.fingerprint": data.fingerprint,
                       "model.n_params": sum(p.numel() for p in model.parameters())}
-            logger.start(default_run_name(cfg), params, {**run_tags(device), **(tags or {})})
+            trial_name, trial_tags = sweep.trial_identity(cfg, logger)
+            name = OmegaConf.select(cfg, "tracking.run_name") or trial_name or default_run_name(cfg)
+            name = {"lr_find": f"lr-find {name}", "rerun": f"rerun {name}"}.get(run_type, name)
+            logger.start(name, params, {**run_tags(device), "run_type": run_type, "torch_threads": str(threads),
+                                        **trial_tags, **(tags or {})})
+        # checkpoints are stored once: in the MLflow run when there is one, else in Hydra's run folder
+        out_dir = Path(tmp) if logger.run_id is not None or hydra_dir is None else hydra_dir
         try:
             if resume is None:
                 logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -135,10 +169,11 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                     logger.log_artifact(hydra_dir / ".hydra", ".hydra")
                 if data.kind == "text":
                     logger.log_text(data.vocab.to_json(), "vocab.json")
-            if "lr_find" in cfg and cfg.lr_find:  # appended by +lr_find=true, so it has no default
+            if lr_finding:
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
                 result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
+                logger.log_model(model)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
             logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
             raise
@@ -164,17 +199,13 @@ def resume_run(cfg: DictConfig) -> float:
     return train_run(run_cfg, resume=cfg.resume).objective
 
 
-def _is_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
-        if _is_multirun():
+        if sweep.is_multirun():
             log.error("trial failed, objective +inf: %s", e)
             return float("inf")
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -182,20 +213,30 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """Console entry: check every composed config before Hydra starts any job."""
+    """Console entry: check every composed config before Hydra starts any job. A sweep that stops
+    early (Ctrl-C, SIGTERM, an error) ends its parent run KILLED or FAILED here."""
     from lesson7_sweeps.preflight import preflight
 
     try:
         preflight(sys.argv[1:], CONF_DIR, "train")
         main()
     except UserError as e:
+        sweep.finish("FAILED", str(e))
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        name, code = ckpt.interrupt_signal(e)
-        saved = "; its checkpoint was saved" if isinstance(e, Interrupted) else ""
-        print(f"{PROG}: interrupted by {name}; the run was marked KILLED{saved}", file=sys.stderr)
+        name, code = ckpt.interrupt_signal(e) if not isinstance(e, sweep.SweepStopped) else ("SIGTERM", 143)
+        swept = sweep.current()
+        sweep.finish("KILLED", f"interrupted ({name})")
+        what = f"the sweep {swept.sweep_id} and its unfinished trials were" if swept else "the run was"
+        whose = "the running trial's" if swept else "its"
+        saved = f"; {whose} checkpoint was saved" if isinstance(e, Interrupted) else ""
+        print(f"{PROG}: interrupted by {name}; {what} marked KILLED{saved}", file=sys.stderr)
         sys.exit(code)
+    except BaseException as e:  # Hydra's own error exit (SystemExit), or a bug: never leave a sweep RUNNING
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            sweep.finish("FAILED", f"the sweeping process stopped: {type(e).__name__} {e}".strip())
+        raise
 
 
 def lr_find_cli() -> None:
@@ -205,4 +246,8 @@ def lr_find_cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    # run the cli of the module imported under its own name: parallel launchers (joblib, submitit)
+    # pickle the task function, by reference only if it does not live in __main__
+    from lesson7_sweeps.train import cli as imported_cli
+
+    imported_cli()

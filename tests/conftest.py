@@ -36,7 +36,7 @@ def text_file(tmp_path: Path) -> Path:
 def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True) -> list[str]:
     """A small, CPU-only, fast run that writes into tmp_path (or tracks nothing)."""
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts",
-             "tracking.experiment=test"]
+             "tracking.experiment=test", "tracking.log_model=false"]
     return [*(store if tracking else ["tracking=none"]),
         "data=text", f"data.path={text}", "data.bs=8", "data.bptt=8", f"data.cache_dir={tmp_path}/cache",
         "model=lstm", "model.n_fac=8", "model.n_hidden=32", "model.n_layers=1", "model.dropout=0.0",

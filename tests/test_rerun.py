@@ -85,6 +85,7 @@ def test_a_deterministic_cpu_rerun_reproduces_every_final_metric(make_cfg, store
     old, new = runs(store)
     assert old.info.run_id == run_id and new.info.status == "FINISHED"
     assert new.data.tags["rerun_of"] == run_id and new.data.tags["rerun_overrides"] == ""
+    assert new.data.tags["run_type"] == "rerun" and new.info.run_name == f"rerun {old.info.run_name}"
     assert new.data.params == old.data.params  # the whole resolved config, and the data's fingerprint
     for name in ("config.yaml", "sample.txt"):
         assert artifact_text(store, run_id, name, tmp_path / "a") == artifact_text(store, new.info.run_id, name,

@@ -31,14 +31,16 @@ def test_train_logs_a_complete_run(make_cfg, tmp_path: Path):
     objective = train(make_cfg())
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "lstm-h32-bptt8"
+    assert run.info.run_name == "lstm-h32-bptt8" and run.data.tags["run_type"] == "train"
+    assert "mlflow.parentRunId" not in run.data.tags  # a single run stays top-level
     p = run.data.params
     assert (p["data.bptt"], p["model.n_hidden"], p["optim.lr"], p["trainer.epochs"]) == ("8", "32", "0.01", "2")
     assert p["dataset.vocab_size"] == str(len(set("".join(SENTENCES))) + 2)  # chars + newline + <unk>
     for tag in ("device", "torch", "cuda"):
         assert tag in run.data.tags
     assert {"train_loss", "lr", "val_loss", "val_bpc", "val_accuracy", "epoch"} <= set(run.data.metrics)
-    assert objective == run.data.metrics["val_loss"]
+    assert objective == run.data.metrics["val_loss"] == run.data.metrics["objective"]
+    assert p["objective"] == "val_loss"
     assert run.data.metrics["val_bpc"] == pytest.approx(objective / math.log(2))
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
     assert len(val_steps) == 2 and val_steps[0] < val_steps[1]  # one evaluation per epoch
@@ -95,6 +97,8 @@ def test_deterministic_reruns_are_bit_identical(make_cfg, tmp_path: Path):
 def test_lr_finder_logs_its_plot(make_cfg, tmp_path: Path):
     suggestion = train(make_cfg("+lr_find=true", "trainer.lr_finder.num_steps=60"))
     client, run = only_run(tmp_path)
+    assert run.info.run_name == "lr-find lstm-h32-bptt8" and run.data.tags["run_type"] == "lr_find"
+    client, run = only_run(tmp_path)
     assert "lr_find.png" in artifacts(client, run.info.run_id)
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr_find_lr")]
     assert lrs[0] == pytest.approx(1e-5) and all(b > a for a, b in zip(lrs, lrs[1:]))
@@ -123,11 +127,16 @@ def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("tracking", [True, False])
-def test_multirun_callback_prepares_the_store_once_before_jobs(make_cfg, tmp_path: Path, tracking: bool):
-    from lesson7_sweeps.sweeps.callbacks import PrepareTracking
+def test_the_model_is_logged_as_an_mlflow_model_and_artifacts_go_beside_the_sqlite_store(make_cfg, tmp_path: Path):
+    import mlflow.pytorch
 
-    PrepareTracking().on_multirun_start(make_cfg(tracking=tracking))
-    assert (tmp_path / "mlflow.db").exists() == tracking
-    if tracking:
-        assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("test") is not None
+    train(make_cfg("tracking.log_model=true", "tracking.artifact_location=null", "trainer.checkpoints=true"))
+    client, run = only_run(tmp_path)
+    stored = {p.relative_to(tmp_path / "mlartifacts").parts[0] for p in (tmp_path / "mlartifacts").rglob("*.pt")}
+    assert stored == {run.info.run_id}  # checkpoints beside mlflow.db, once
+    assert not (tmp_path / "artifacts").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert isinstance(model, CharRNN)
+    x = torch.randint(0, model.decoder.out_features, (8, 4))
+    assert model.eval()(x).shape == (8 * 4, model.decoder.out_features)

@@ -1,0 +1,241 @@
+"""A sweep's parent MLflow run: created once before any trial, found by every trial, ended with the sweep.
+
+The sweeping process creates the parent in the experiment of the trials (a Hydra callback, so it
+works with any sweeper and launcher). A trial finds it by the *sweep key*, which every job of the
+sweep can compute from its own Hydra config, in any process and on any machine that shares the
+sweep folder's path: the resolved `hydra.sweep.dir` (Hydra gives every job the same, timestamp
+included), or the Optuna study (`hydra.sweeper.storage` + `study_name`) when the sweeper has one, so
+that re-running a study's command finds the same parent again. MLFLOW_RUN_ID is not used: MLflow
+would also take it as the run to write into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.tracking import Logger, MlflowLogger, flatten, git_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSpec:
+    """What a multirun varies, read from its command line and `hydra.sweeper.params`."""
+
+    swept: dict[str, str]  # key -> its values or search space as written: "8,16", "interval(1e-4, 1e-2)"
+    fixed: dict[str, str]  # every other override of the command line
+
+    @property
+    def short(self) -> dict[str, str]:
+        return short_names(list(self.swept))
+
+
+def sweep_spec(hc: DictConfig) -> SweepSpec:
+    """Swept and fixed overrides of the sweep whose Hydra config (the `hydra` node) is `hc`."""
+    parser = OverridesParser.create()
+    swept: dict[str, str] = {}
+    fixed: dict[str, str] = {}
+    for o in parser.parse_overrides(list(hc.overrides.task)):
+        (swept if o.is_sweep_override() else fixed)[o.key_or_group] = o.input_line.split("=", 1)[1]
+    for key, value in (hc.sweeper.params or {}).items() if "params" in hc.sweeper else ():
+        if key not in swept and key not in fixed:  # the command line wins over a preset's params
+            o = parser.parse_override(f"{key}={value}")
+            (swept if o.is_sweep_override() else fixed)[key] = str(value)
+    return SweepSpec(swept, fixed)
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """data.bptt -> bptt, model.n_hidden -> n_hidden; the full key where two would look alike."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def is_study(hc: DictConfig) -> bool:
+    """A sweeper with a persistent study (Optuna's storage + study_name) can be resumed."""
+    return bool(hc.sweeper.get("storage") and hc.sweeper.get("study_name"))
+
+
+def sweep_key(hc: DictConfig) -> str:
+    """The same string in every job of one sweep (a hash: a storage URL may hold a password)."""
+    if is_study(hc):
+        source = f"study\n{hc.sweeper.storage}\n{hc.sweeper.study_name}"
+    else:
+        source = f"dir\n{os.path.abspath(str(hc.sweep.dir))}"
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def direction(objective: str) -> str:
+    return OBJECTIVES[objective]
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def format_value(value: Any) -> str:
+    """Short, readable values for run names: 0.001, [16,32], gru."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+# --- the sweeping process ----------------------------------------------------------------------
+
+
+@dataclass
+class Parent:
+    logger: MlflowLogger  # writes into the parent run
+    sweep_id: str
+    spec: SweepSpec
+    objective: str
+
+    @property
+    def run_id(self) -> str:
+        assert self.logger.run_id is not None
+        return self.logger.run_id
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        self.logger.log_artifact(path, artifact_path)
+
+
+_active: Parent | None = None  # the sweep this process is running
+_previous_sigterm: Any = None  # the SIGTERM handler before the sweep started
+
+
+def current() -> Parent | None:
+    """The parent of the sweep this process runs (None outside a sweep, or with tracking=none)."""
+    return _active
+
+
+def start(cfg: DictConfig) -> Parent | None:
+    """Create the sweep's parent run (or, for a resumed study, mark its existing one RUNNING again).
+    Called once in the sweeping process, before any job starts."""
+    global _active
+    if "uri" not in cfg.tracking:  # tracking=none
+        return None
+    hc = cfg.hydra
+    spec, key = sweep_spec(hc), sweep_key(hc)
+    logger = MlflowLogger(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, run_name=None)
+    logger.prepare()  # the store and experiment exist before parallel jobs race to create them
+    reused = find(logger, key) if is_study(hc) else None  # a new sweep folder is a new sweep
+    if reused is not None:
+        logger.attach(reused.info.run_id)
+        sweep_id = reused.data.tags["sweep_id"]
+        log.info("sweep %s: continuing parent run %s", sweep_id, reused.info.run_id)
+    else:
+        sweep_id = uuid.uuid4().hex[:8]
+        preset = spec.fixed.get("sweep")
+        name = f"sweep {preset}" if preset else "sweep " + "×".join(spec.short.values())
+        params = {**{f"sweep.{k}": v for k, v in spec.swept.items()},
+                  **{f"fixed.{k}": v for k, v in spec.fixed.items()},
+                  **{f"sweeper.{k}": v for k, v in flatten(hc.sweeper).items() if k != "params"},
+                  **{f"launcher.{k}": v for k, v in flatten(hc.launcher).items()},
+                  "objective": cfg.objective}
+        tags = {**git_tags(), "run_type": "sweep", "sweep_id": sweep_id, "sweep_key": key,
+                "sweep_dir": os.path.abspath(str(hc.sweep.dir)), "swept": ",".join(spec.swept),
+                "objective": cfg.objective, "direction": direction(cfg.objective),
+                "sweeper": str(hc.sweeper._target_), "launcher": str(hc.launcher._target_),
+                "hydra_overrides": " ".join(hc.overrides.task)}
+        logger.start(name, params, tags)
+        log.info("sweep %s: parent run %s (%s)", sweep_id, logger.run_id, name)
+    _active = Parent(logger, sweep_id, spec, cfg.objective)
+    _stop_on_sigterm()
+    return _active
+
+
+def find(logger: MlflowLogger, key: str) -> Any:
+    """The newest parent run with this sweep key, or None."""
+    runs = logger.search(f"tags.sweep_key = '{key}' and tags.run_type = 'sweep'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+class SweepStopped(KeyboardInterrupt):
+    """SIGTERM reached the sweeping process between trials (SIGINT arrives as KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) would end the process without a word; make it an interrupt so
+    the parent is marked KILLED. A training trial in this process installs its own handler meanwhile."""
+    global _previous_sigterm
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum: int, frame: Any) -> None:
+            raise SweepStopped(signum)
+
+        _previous_sigterm = signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm() -> None:
+    global _previous_sigterm
+    if _previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _previous_sigterm)
+    _previous_sigterm = None
+
+
+def finish(status: str | None = None, reason: str | None = None) -> None:
+    """End the active sweep: write its summary and end the parent run — FINISHED when the sweep
+    completed (FAILED when every trial failed), or `status` (KILLED on an interrupt). Trials still
+    RUNNING when a sweep is killed (parallel workers that died with it) are marked KILLED."""
+    global _active
+    parent, _active = _active, None
+    if parent is None:
+        return
+    _restore_sigterm()
+    from lesson7_sweeps.sweeps.summary import write_summary  # matplotlib/pandas: only when needed
+
+    try:
+        summary = write_summary(parent)
+    except Exception as e:  # a summary must never keep the parent RUNNING
+        log.error("sweep %s: could not write the summary: %s", parent.sweep_id, e)
+        summary = None
+    if status is None:
+        status = "FAILED" if summary is not None and summary.n_trials and not summary.n_ended_well else "FINISHED"
+        reason = "every trial failed" if status == "FAILED" else None
+    if status != "FINISHED":
+        for run in parent.logger.search(f"tags.`mlflow.parentRunId` = '{parent.run_id}' and "
+                                        f"attributes.status = 'RUNNING'"):
+            parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
+    parent.logger.close(status, reason)
+    if summary is not None:
+        summary.print()
+
+
+# --- a trial -----------------------------------------------------------------------------------
+
+
+def trial_identity(cfg: DictConfig, logger: Logger) -> tuple[str | None, dict[str, str]]:
+    """A multirun job's run name (`#3 bptt=16 n_hidden=128`: only what the sweep varies) and its
+    tags (mlflow.parentRunId, sweep_id, trial); (None, {}) for a single run or without MLflow."""
+    if not is_multirun() or not isinstance(logger, MlflowLogger):
+        return None, {}
+    hc = HydraConfig.get()
+    num = hc.job.num
+    parent = find(logger, sweep_key(hc))
+    if parent is None:  # launched without the callback (e.g. another config): still a readable name
+        log.warning("no parent run for this sweep in %s; the trial is logged on its own", logger.uri)
+        return f"#{num}", {"trial": str(num)}
+    swept = [k for k in parent.data.tags.get("swept", "").split(",") if k]
+    choices = hc.runtime.choices
+    values = {k: choices[k] if k in choices else OmegaConf.select(cfg, k) for k in swept}
+    name = " ".join([f"#{num}", *(f"{s}={format_value(values[k])}" for k, s in short_names(swept).items())])
+    return name, {"mlflow.parentRunId": parent.info.run_id, "sweep_id": parent.data.tags["sweep_id"],
+                  "trial": str(num)}

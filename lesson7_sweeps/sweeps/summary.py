@@ -1,0 +1,191 @@
+"""A sweep's trials as one table: the parent's summary.csv/.html and plots, and `lesson7-compare`.
+
+Everything is read back from the tracking store (the trials may have run in other processes or on
+other machines), through tracking.py.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from lesson7_sweeps.sweeps.parent import short_names
+from lesson7_sweeps.tracking import MlflowLogger
+
+if TYPE_CHECKING:
+    from lesson7_sweeps.sweeps.parent import Parent
+
+ENDED_WELL = ("FINISHED", "PRUNED")  # a pruned trial ended normally, stopped early on purpose
+
+
+@dataclass
+class Summary:
+    parent_id: str
+    title: str
+    table: pd.DataFrame  # one row per trial, best first (see COLUMNS)
+    swept: list[str]  # the swept keys' short names (columns of `table`)
+    direction: str
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.table)
+
+    def count(self, *statuses: str) -> int:
+        return int(self.table["status"].isin(statuses).sum())
+
+    @property
+    def n_ended_well(self) -> int:
+        return self.count(*ENDED_WELL)
+
+    @property
+    def best(self) -> pd.Series | None:
+        """The best FINISHED trial (a pruned trial's objective is from an earlier epoch)."""
+        done = self.table[(self.table["status"] == "FINISHED") & self.table["objective"].notna()]
+        return None if done.empty else done.iloc[0]
+
+    def print(self, top: int = 5) -> None:
+        render(self.table.head(top), f"{self.title}: top {min(top, self.n_trials)} of {self.n_trials} trials")
+        best = self.best
+        print(f"best run: {best['run_id']} ({best['run_name']}), objective {best['objective']:.6g}"
+              if best is not None else "best run: none (no trial finished)")
+
+
+def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
+    """The trials of the sweep whose parent run is `parent` (an MLflow Run), best first."""
+    tags = parent.data.tags
+    swept = [k for k in tags.get("swept", "").split(",") if k]
+    short = short_names(swept)
+    minimize = tags.get("direction", "minimize") == "minimize"
+    rows = []
+    for run in logger.search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                             experiment_id=parent.info.experiment_id):
+        t, info = run.data.tags, run.info
+        row: dict[str, Any] = {"trial": int(t["trial"]) if t.get("trial", "").isdigit() else None,
+                               "run_id": info.run_id, "run_name": info.run_name}
+        for key in swept:  # a group choice (model=gru,lstm) is a tag, a value a param
+            row[short[key]] = run.data.params.get(key, t.get(f"choice.{key}"))
+        objective = run.data.metrics.get("objective")
+        row["objective"] = objective if objective is not None and math.isfinite(objective) else None
+        row["status"] = "PRUNED" if t.get("trial_state") == "PRUNED" else info.status
+        row["duration_s"] = round((info.end_time - info.start_time) / 1000, 1) if info.end_time else None
+        row["steps"] = logger.last_step(info.run_id, "epoch")
+        rows.append(row)
+    columns = ["trial", "run_id", "run_name", *short.values(), "objective", "status", "duration_s", "steps"]
+    table = pd.DataFrame(rows, columns=columns)
+    # best first: finished by objective, then pruned, then the rest; ties by trial number
+    rank = table["status"].map({"FINISHED": 0, "PRUNED": 1}).fillna(2)
+    key = table["objective"] if minimize else -table["objective"]
+    table = table.assign(_r=rank, _k=key).sort_values(["_r", "_k", "trial"], na_position="last")
+    table = table.drop(columns=["_r", "_k"]).reset_index(drop=True)
+    table["trial"] = table["trial"].astype("Int64")
+    table["steps"] = table["steps"].astype("Int64")
+    title = f"{parent.info.run_name} ({parent.info.run_id}, objective {tags.get('objective')} {tags.get('direction')})"
+    return Summary(parent.info.run_id, title, table, list(short.values()), tags.get("direction", "minimize"))
+
+
+def write_summary(parent: Parent) -> Summary:
+    """Log the summary onto the parent run: summary.csv, summary.html, plots, best_* tags, counts;
+    and tag the best trial best=true."""
+    logger = parent.logger
+    (run,) = logger.search(f"attributes.run_id = '{parent.run_id}'")
+    summary = trial_table(logger, run)
+    best = summary.best
+    with tempfile.TemporaryDirectory(prefix="lesson7-summary-") as tmp:
+        out = Path(tmp)
+        summary.table.to_csv(out / "summary.csv", index=False)
+        html = summary.table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.6g}", border=0)
+        (out / "summary.html").write_text(f"<h3>{summary.title}</h3>\n{html}\n", encoding="utf-8")
+        for path in [out / "summary.csv", out / "summary.html", *plots(summary, out)]:
+            logger.log_artifact(path)
+    logger.log_metrics({"n_trials": summary.n_trials, "n_finished": summary.count("FINISHED"),
+                        "n_failed": summary.count("FAILED"), "n_pruned": summary.count("PRUNED")}, step=0)
+    if best is not None:
+        logger.set_tags({"best_run_id": best["run_id"], "best_value": repr(float(best["objective"]))})
+        logger.set_tags({"best": "true"}, run_id=best["run_id"])
+    return summary
+
+
+def plots(summary: Summary, out: Path) -> list[Path]:
+    """objective_vs_params.png (one panel per swept parameter) and parallel_coordinates.png (each
+    finished trial a line across the swept parameters, coloured by the objective)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = summary.table[summary.table["objective"].notna()]
+    if done.empty or not summary.swept:
+        return []
+    axes_values = {name: _axis(done[name]) for name in summary.swept}
+
+    fig, axs = plt.subplots(1, len(summary.swept), figsize=(4 * len(summary.swept), 3.5), squeeze=False)
+    for ax, name in zip(axs[0], summary.swept):
+        x, ticks = axes_values[name]
+        ax.scatter(x, done["objective"], color="tab:blue")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+        ax.set(xlabel=name, ylabel="objective")
+    fig.suptitle(f"objective ({summary.direction}) vs each swept parameter")
+    fig.tight_layout()
+    fig.savefig(out / "objective_vs_params.png", dpi=100)
+    plt.close(fig)
+
+    # matplotlib has no parallel-coordinates plot with a continuous colour scale (pandas' colours by
+    # class), so we draw one: every axis scaled to [0, 1], tick labels give the real values
+    names = [*summary.swept, "objective"]
+    columns = {**axes_values, "objective": _axis(done["objective"])}
+    scaled = {n: _scale(columns[n][0]) for n in names}
+    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 1, 4))
+    cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
+    norm = matplotlib.colors.Normalize(done["objective"].min(), done["objective"].max())
+    for i, value in enumerate(done["objective"]):
+        ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(value)), alpha=0.8)
+    for j, n in enumerate(names):
+        ax.axvline(j, color="grey", lw=0.8)
+        x, ticks = columns[n]
+        labels = ticks if ticks is not None else [f"{min(x):.4g}", f"{max(x):.4g}"]
+        for label, y in zip(labels, _scale(range(len(labels)))):
+            ax.text(j + 0.03, y, str(label), fontsize=8, va="center")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks([])
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
+    ax.set_title("trials across the swept parameters (colour: objective)")
+    fig.tight_layout()
+    fig.savefig(out / "parallel_coordinates.png", dpi=100)
+    plt.close(fig)
+    return [out / "objective_vs_params.png", out / "parallel_coordinates.png"]
+
+
+def _axis(values: pd.Series) -> tuple[list[float], list[str] | None]:
+    """Numbers stay numbers; anything else becomes positions 0..k-1 with its values as tick labels."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return [float(v) for v in numbers], None
+    ticks = sorted(values.astype(str).unique())
+    return [float(ticks.index(str(v))) for v in values], ticks
+
+
+def _scale(values: Any) -> list[float]:
+    values = [float(v) for v in values]
+    lo, hi = min(values), max(values)
+    return [0.5 if hi == lo else (v - lo) / (hi - lo) for v in values]
+
+
+def render(table: pd.DataFrame, title: str) -> None:
+    """Print a trial table with rich (run ids in full: users copy them)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=title, title_justify="left")
+    for column in table.columns:
+        out.add_column(column, justify="right" if column in ("trial", "objective", "duration_s", "steps") else "left",
+                       no_wrap=column == "run_id")
+    for row in table.itertuples(index=False):
+        out.add_row(*("" if pd.isna(v) else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=None if sys.stdout.isatty() else 1000).print(out)  # a pipe or log file: no wrapping
