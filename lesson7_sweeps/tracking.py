@@ -166,7 +166,7 @@ class MlflowLogger:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
         self._monitor.start()
 
     def resume(self, run_id: str, dest: Path) -> Path | None:
@@ -236,6 +236,12 @@ class MlflowLogger:
         from mlflow import MlflowClient
 
         return max((m.step for m in MlflowClient(self.uri).get_metric_history(run_id, key)), default=None)
+
+    def set_experiment_tag(self, key: str, value: str) -> str:
+        """A tag on this logger's experiment (e.g. a saved view of the MLflow UI); its id."""
+        experiment_id = self.prepare()
+        self.client.set_experiment_tag(experiment_id, key, value)
+        return experiment_id
 
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """End another run of this store (a sweep's trial left RUNNING by a worker that died)."""

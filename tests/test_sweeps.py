@@ -260,3 +260,20 @@ def test_ctrl_c_stops_the_sweep_and_leaves_nothing_running(tmp_path: Path, text_
                                             f"marked KILLED; the running trial's checkpoint was saved")
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
+
+
+def test_a_sweep_preset_sets_the_swept_params_and_the_command_line_narrows_it():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["sweep=lstm_bptt_hidden", "model.n_hidden=64"], return_hydra_config=True)
+    spec = sweep.sweep_spec(cfg.hydra)
+    assert spec.swept == {"data.bptt": "8,16,32"} and spec.fixed["model.n_hidden"] == "64"
+    assert spec.fixed["sweep"] == "lstm_bptt_hidden"
+
+
+def test_preflight_composes_every_value_of_a_presets_params():
+    from lesson7_sweeps.preflight import _sweeper_params
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert _sweeper_params("train", ["sweep=lstm_bptt_hidden", "data.bptt=4"]) == ["model.n_hidden=128,256,512"]
+        assert _sweeper_params("train", ["sweep=cifar_widths"]) == [
+            "model.layers=[8,16,32,64,128],[16,32,64,128,256],[32,64,128,256,512]"]

@@ -140,3 +140,10 @@ def test_the_model_is_logged_as_an_mlflow_model_and_artifacts_go_beside_the_sqli
     assert isinstance(model, CharRNN)
     x = torch.randint(0, model.decoder.out_features, (8, 4))
     assert model.eval()(x).shape == (8 * 4, model.decoder.out_features)
+
+
+def test_system_metrics_are_logged_when_asked(make_cfg, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's default is 10 s
+    train(make_cfg("tracking.system_metrics=true"))
+    _, run = only_run(tmp_path)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)

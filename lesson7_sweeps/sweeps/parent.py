@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.sweeps.ui import sweep_view_tag, sweep_view_url
 from lesson7_sweeps.tracking import Logger, MlflowLogger, flatten, git_tags
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class Parent:
     sweep_id: str
     spec: SweepSpec
     objective: str
+    experiment_id: str
 
     @property
     def run_id(self) -> str:
@@ -131,7 +134,7 @@ def start(cfg: DictConfig) -> Parent | None:
     hc = cfg.hydra
     spec, key = sweep_spec(hc), sweep_key(hc)
     logger = MlflowLogger(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, run_name=None)
-    logger.prepare()  # the store and experiment exist before parallel jobs race to create them
+    experiment_id = logger.prepare()  # the store and experiment exist before parallel jobs race to create them
     reused = find(logger, key) if is_study(hc) else None  # a new sweep folder is a new sweep
     if reused is not None:
         logger.attach(reused.info.run_id)
@@ -153,7 +156,13 @@ def start(cfg: DictConfig) -> Parent | None:
                 "hydra_overrides": " ".join(hc.overrides.task)}
         logger.start(name, params, tags)
         log.info("sweep %s: parent run %s (%s)", sweep_id, logger.run_id, name)
-    _active = Parent(logger, sweep_id, spec, cfg.objective)
+        # the UI's runs table shows no params until columns are picked: save the sweep's own view
+        # (its runs, objective and swept params as columns, parallel coordinates) on the experiment
+        params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
+        logger.set_experiment_tag(*sweep_view_tag(sweep_id, f"{name} {sweep_id}", params_swept,
+                                                  created_ms=int(time.time() * 1000),
+                                                  lower_is_better=direction(cfg.objective) == "minimize"))
+    _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
     _stop_on_sigterm()
     return _active
 
@@ -217,6 +226,10 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
     parent.logger.close(status, reason)
     if summary is not None:
         summary.print()
+    url = sweep_view_url(parent.logger.uri, parent.experiment_id, parent.sweep_id)
+    print(f"compare it in the MLflow UI: {url}" if url else
+          f"compare it in the MLflow UI: mlflow ui --backend-store-uri {parent.logger.uri}, experiment "
+          f"'{parent.logger.experiment}', Views menu, the view ending in {parent.sweep_id}")
 
 
 # --- a trial -----------------------------------------------------------------------------------
