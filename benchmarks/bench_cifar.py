@@ -66,7 +66,7 @@ def config(args: argparse.Namespace, seed: int, store: str | None = None) -> Dic
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=[
             f"experiment=lesson7_{args.model}", f"data.root={args.root}", f"data.cache_dir={args.cache_dir}",
-            "data.tta=false", f"seed={seed}", f"trainer.device={args.device}", "trainer.epochs=1",
+            "data.tta=none", f"seed={seed}", f"trainer.device={args.device}", "trainer.epochs=1",
             f"trainer.max_steps={args.steps}", "trainer.checkpoints=false", "trainer.progress=off", *tracking])
 
 

@@ -20,6 +20,7 @@ from lesson7_sweeps.errors import ConfigError
 
 # what `objective` may name, and which way a sweep optimises it
 OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize"}
+TTA_MODES = ("lesson", "views", "none")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -48,6 +49,7 @@ class TextDataConfig:
     lower: bool = MISSING
     min_freq: int = MISSING
     valid_frac: float = MISSING
+    valid_from_line: Any = MISSING  # N: validation = line N (1-based) onwards, not the valid_frac cut
     bs: int = MISSING
     bptt: int = MISSING
     random_bptt: bool = MISSING
@@ -57,6 +59,8 @@ class TextDataConfig:
         _check(self.bptt >= 1, "data.bptt", self.bptt, "the BPTT length must be >= 1")
         _check(self.min_freq >= 1, "data.min_freq", self.min_freq, "must be >= 1")
         _check(0 < self.valid_frac < 1, "data.valid_frac", self.valid_frac, "must be in (0, 1)")
+        _check(self.valid_from_line is None or (isinstance(self.valid_from_line, int) and self.valid_from_line >= 2),
+               "data.valid_from_line", self.valid_from_line, "use a line number >= 2, or null to cut at valid_frac")
 
 
 @dataclass
@@ -70,10 +74,11 @@ class CifarDataConfig:
     pad: int = MISSING
     crop: bool = MISSING
     flip: bool = MISSING
-    tta: bool = MISSING
+    tta: str = MISSING
 
     def __post_init__(self) -> None:
         _check(self.bs >= 1, "data.bs", self.bs, "the batch size must be >= 1")
+        _check(self.tta in TTA_MODES, "data.tta", self.tta, f"use one of {'|'.join(TTA_MODES)}")
         _check(self.stats in ("lesson", "compute"), "data.stats", self.stats, "use lesson or compute")
         _check(self.pad >= 0, "data.pad", self.pad, "must be >= 0 pixels")
         _check(self.crop or self.pad == 0, "data.pad", self.pad, "padding only feeds the crop: set data.crop=true")
@@ -180,7 +185,7 @@ class SGDConfig:
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
 
 
-PHASE_KINDS = {"constant": (), "sgdr": ("cycle_len", "cycle_mult", "warmup_frac"),
+PHASE_KINDS = {"constant": (), "sgdr": ("cycle_len", "cycle_mult", "warmup_frac", "warmup"),
                "onecycle": ("pct_start", "div", "final_div")}
 
 
@@ -191,10 +196,12 @@ class PhaseConfig:
     kind: str = MISSING
     epochs: Any = MISSING  # number of epochs, or null for "until training ends" (last phase only)
     lr_mult: float = MISSING
+    reset_optimizer: bool = MISSING  # a fresh optimizer state here, as each fastai learn.fit builds one
     # only for kind=sgdr
     cycle_len: Any = None
     cycle_mult: Any = None
     warmup_frac: Any = None
+    warmup: Any = None  # phase = the lesson's (start of the phase only) | cycle = every cycle
     # only for kind=onecycle
     pct_start: Any = None
     div: Any = None
@@ -212,6 +219,7 @@ class PhaseConfig:
             _check(self.cycle_len > 0, "schedule.phases.cycle_len", self.cycle_len, "must be > 0 epochs")
             _check(self.cycle_mult >= 1, "schedule.phases.cycle_mult", self.cycle_mult, "must be >= 1")
             _check(0 <= self.warmup_frac < 1, "schedule.phases.warmup_frac", self.warmup_frac, "in [0, 1)")
+            _check(self.warmup in ("phase", "cycle"), "schedule.phases.warmup", self.warmup, "use phase or cycle")
         if self.kind == "onecycle":
             _check(0 < self.pct_start < 1, "schedule.phases.pct_start", self.pct_start, "must be in (0, 1)")
             _check(self.div >= 1 and self.final_div >= 1, "schedule.phases.div", self.div, "div and final_div >= 1")

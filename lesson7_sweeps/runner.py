@@ -81,10 +81,11 @@ def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
     """val_loss (nats per target), val_accuracy; for text val_bpc (bits per character); for images
-    with data.tta, val_accuracy_tta (probabilities averaged over the test-time views)."""
+    unless data.tta=none, val_accuracy_tta (probabilities averaged over the test-time views)."""
     model.eval()
     reset_state(model)
-    tta = data.kind == "image" and data.tta
+    tta = data.kind == "image" and data.tta != "none"
+    generator = data.tta_generator() if tta else None  # the same draws at every evaluation
     loss_sum = torch.zeros((), device=_device(model))
     correct, correct_tta = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
     n = 0
@@ -92,7 +93,8 @@ def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
         with prec.context(x.device):
             out = model(prec.prepare(x)).float()
             if tta:  # view 0 is the image itself: reuse its output
-                probs = out.exp() + sum(model(prec.prepare(v)).float().exp() for v in data.tta_views(x)[1:])
+                views = data.tta_views(x, generator)[1:]
+                probs = out.exp() + sum(model(prec.prepare(v)).float().exp() for v in views)
                 correct_tta += (probs.argmax(-1) == y).sum()
         loss_sum += F.nll_loss(out, y, reduction="sum")
         correct += (out.argmax(-1) == y).sum()
@@ -169,6 +171,8 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 # ---- bookkeeping stays on the device: no host-device sync in the hot loop
                 smooth.lerp_(loss, 1 - BETA)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                if schedule.resets_optimizer(pos, next_pos):  # the notebook's next fit() builds a new optimizer
+                    optimizer.state.clear()  # momentum / Adam moments start again; saved checkpoints agree
                 if step % tc.log_every == 0:
                     check_finite()
                     train_loss = smooth.item() / (1 - BETA**step)

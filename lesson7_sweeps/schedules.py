@@ -6,6 +6,11 @@ lengths). Each kind maps a position (counted from the start of its phase) to a m
 base lr. A schedule is a list of phases, like the notebook's sequence of `fit` calls: e.g. 2
 constant epochs, then SGDR for 15 epochs, then SGDR again for 63. The last phase continues past
 its end if training runs longer.
+
+Two rules come from fastai 0.7's `fit`, which the phases replay: CosAnneal's warm-up (lr/100 while
+`iteration < nb/20`) counts batches from the start of the `fit` call, so it covers the first 1/20 of
+the phase's first cycle only (warmup="phase"; warmup="cycle" repeats it in every cycle); and each
+`learn.fit` builds a new optimizer, so a phase with reset_optimizer restarts momentum / Adam moments.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ def sgdr_cycle(pos: float, cycle_len: float, cycle_mult: float) -> tuple[float, 
     return start, length
 
 
-def sgdr(pos: float, cycle_len: float, cycle_mult: float, warmup_frac: float) -> float:
-    """The lesson's CosAnneal: lr/100 for the first warmup_frac (1/20) of each cycle, then the cosine
-    from lr to 0 over the whole cycle; each cycle cycle_mult times longer than the one before."""
+def sgdr(pos: float, cycle_len: float, cycle_mult: float, warmup_frac: float, warmup: str) -> float:
+    """The lesson's CosAnneal: the cosine from lr to 0 over each cycle, each cycle cycle_mult times
+    longer than the one before, at lr/100 during the warm-up. warmup="phase" (the lesson's): while the
+    position in the phase is below warmup_frac of the current cycle's length (`iteration < nb/20`,
+    with iteration never reset: in effect the start of the first cycle only); "cycle": the first
+    warmup_frac of every cycle."""
     start, length = sgdr_cycle(pos, cycle_len, cycle_mult)
-    if pos - start < warmup_frac * length - EPS:
+    elapsed = pos if warmup == "phase" else pos - start
+    if elapsed < warmup_frac * length - EPS:
         return 0.01
     return 0.5 * (1 + math.cos(math.pi * (pos - start) / length))
 
@@ -56,6 +65,7 @@ class Phase:
     start: float  # epoch position where the phase begins
     fn: Callable[[float], float]
     lr_mult: float
+    reset_optimizer: bool  # the notebook's fit() here builds a new optimizer
 
 
 class Schedule:
@@ -71,7 +81,8 @@ class Schedule:
             if p.kind == "constant":
                 fn: Callable[[float], float] = constant
             elif p.kind == "sgdr":
-                fn = partial(sgdr, cycle_len=p.cycle_len, cycle_mult=p.cycle_mult, warmup_frac=p.warmup_frac)
+                fn = partial(sgdr, cycle_len=p.cycle_len, cycle_mult=p.cycle_mult, warmup_frac=p.warmup_frac,
+                             warmup=p.warmup)
                 stop = total_epochs if last else min(start + length, total_epochs)  # the last phase runs on
                 end = start
                 while True:
@@ -82,7 +93,7 @@ class Schedule:
                     self.cycle_ends.append(end)
             else:
                 fn = partial(onecycle, length=length, pct_start=p.pct_start, div=p.div, final_div=p.final_div)
-            self.phases.append(Phase(start, fn, p.lr_mult))
+            self.phases.append(Phase(start, fn, p.lr_mult, p.reset_optimizer))
             start += length
             if start >= total_epochs - EPS:
                 break
@@ -94,3 +105,8 @@ class Schedule:
     def cycles_ended(self, before: float, after: float) -> list[int]:
         """1-based numbers of the cycles that end in (before, after]: a step moved past them."""
         return [k + 1 for k, end in enumerate(self.cycle_ends) if before + EPS < end <= after + EPS]
+
+    def resets_optimizer(self, before: float, after: float) -> bool:
+        """Whether a phase that restarts the optimizer begins in (before, after]: the step that
+        moved there is the last one of the previous phase (the first phase gets a new one anyway)."""
+        return any(p.reset_optimizer and before + EPS < p.start <= after + EPS for p in self.phases[1:])

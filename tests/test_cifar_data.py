@@ -387,7 +387,7 @@ def make_data(tmp_path: Path, **overrides) -> CifarData:
     if not root.exists():
         write_layout(root, n_train=8, n_test=3)  # 24 train, 9 test images
     kwargs = dict(root=root, cache_dir=tmp_path / "cache", download=False, bs=8, stats="lesson")
-    kwargs |= dict(pad=0, crop=False, flip=False, tta=False, seed=0) | overrides
+    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", seed=0) | overrides
     return CifarData(**kwargs)
 
 
@@ -476,8 +476,8 @@ def test_stats_compute_uses_the_train_split(tmp_path):
 
 
 def test_facts_for_the_runner(tmp_path):
-    data = make_data(tmp_path, tta=True)
-    assert data.classes == CLASSES and data.num_classes == 3 and data.tta
+    data = make_data(tmp_path, tta="views")
+    assert data.classes == CLASSES and data.num_classes == 3 and data.tta == "views"
     assert data.kind == "image" and data.model_args() == {"num_classes": 3}
     assert data.describe() == {
         "source": str(tmp_path / "cifar"),
@@ -488,7 +488,7 @@ def test_facts_for_the_runner(tmp_path):
         "fingerprint": data.fingerprint,
     }
     assert len(data.fingerprint) == 16
-    assert [len(v) for v in data.tta_views(torch.zeros(2, 3, 32, 32))] == [2] * 6
+    assert [len(v) for v in data.tta_views(torch.zeros(2, 3, 32, 32), data.tta_generator())] == [2] * 6
 
 
 @pytest.mark.parametrize(

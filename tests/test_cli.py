@@ -54,8 +54,11 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
     MLflow run and end with the same metrics, at the same steps, as a run never interrupted."""
     text = tmp_path / "long.txt"
     text.write_text(make_text(20000), encoding="utf-8")
+    # a new phase with a fresh optimizer starts at epoch 2: the SIGKILL run resumes from that boundary
+    phases = ("[{kind: constant, epochs: 1, lr_mult: 1.0, reset_optimizer: false}, {kind: sgdr, epochs: null,"
+              " lr_mult: 1.0, reset_optimizer: true, cycle_len: 1, cycle_mult: 2, warmup_frac: 0.05, warmup: phase}]")
     args = [*tiny_overrides(tmp_path, text), "trainer.epochs=3", "trainer.log_every=5", "schedule=sgdr",
-            "trainer.deterministic=true", "model.dropout=0.0"]
+            f"schedule.phases={phases}", "trainer.deterministic=true", "model.dropout=0.0"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
     def launch(*extra: str) -> subprocess.Popen:

@@ -138,7 +138,7 @@ def test_eval_uses_running_statistics():
     x = batch()[0]
     layer(x)  # one training step: running = 0.9 * init + 0.1 * batch
     hidden = F.relu(layer.conv(x))
-    var, mean = torch.var_mean(hidden, dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(hidden, dim=(0, 2, 3), correction=1)  # unbiased, as the lesson's std
     torch.testing.assert_close(layer.norm.running_mean, 0.1 * mean)
     torch.testing.assert_close(layer.norm.running_var, 0.9 + 0.1 * var)
 
@@ -146,7 +146,7 @@ def test_eval_uses_running_statistics():
     with torch.no_grad():
         out = layer(x)
         rm, rv = layer.norm.running_mean[:, None, None], layer.norm.running_var[:, None, None]
-        manual = (hidden - rm) / torch.sqrt(rv + 1e-5) * layer.norm.m + layer.norm.a
+        manual = (hidden - rm) / torch.sqrt(rv) * layer.norm.m + layer.norm.a  # no eps
         torch.testing.assert_close(out, manual)
         assert not torch.allclose(out, layer.train()(x), atol=1e-2)  # batch statistics differ
 
@@ -159,19 +159,23 @@ def test_without_running_stats_eval_uses_the_last_training_batch():
         layer(x1 * 3)
         layer(x1)  # only the last training batch counts
         h = F.relu(layer.conv(x1))
-        var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+        mean, std = h.mean((0, 2, 3)), h.std((0, 2, 3))
         out = layer.eval()(x2)
         h2 = F.relu(layer.conv(x2))
-    manual = (h2 - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5)
+    manual = (h2 - mean[:, None, None]) / std[:, None, None]
     torch.testing.assert_close(out, manual)
     assert not torch.allclose(out, layer.train()(x2), atol=1e-2)  # x2's own statistics differ
 
 
-def test_scratch_matches_torch_batchnorm_in_training():
+def test_scratch_keeps_the_running_statistics_torch_keeps():
     x = torch.randn(16, 8, 6, 6) * 3 + 1
     scratch, reference = ScratchBatchNorm2d(8, running_stats=True), nn.BatchNorm2d(8)
-    torch.testing.assert_close(scratch(x), reference(x))
+    out, ref = scratch(x), reference(x)
     torch.testing.assert_close(scratch.running_mean, reference.running_mean)
+    torch.testing.assert_close(scratch.running_var, reference.running_var)  # both unbiased
+    # the outputs differ only in the divisor: the unbiased std (lesson) vs sqrt(biased var + eps) (torch)
+    var_b = x.var((0, 2, 3), correction=0)[:, None, None]
+    torch.testing.assert_close(out, ref * torch.sqrt(var_b + reference.eps) / x.std((0, 2, 3))[:, None, None])
 
 
 def test_bn_torch_swaps_in_nn_batchnorm2d():

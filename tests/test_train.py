@@ -114,7 +114,8 @@ def test_other_models_and_loop_cells_train(make_cfg, tmp_path: Path, model: str)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path):
-    phases = "[{kind: constant, epochs: 1, lr_mult: 1.0}, {kind: constant, epochs: null, lr_mult: 1e20}]"
+    phases = ("[{kind: constant, epochs: 1, lr_mult: 1.0, reset_optimizer: false},"
+              " {kind: constant, epochs: null, lr_mult: 1e20, reset_optimizer: false}]")
     with pytest.raises(TrainingDiverged):  # epoch 1 trains well, then the lr explodes
         train(make_cfg("optim=sgd", "optim.lr=0.5", "optim.momentum=0", f"schedule.phases={phases}",
                        "trainer.epochs=3", "trainer.log_every=1"))

@@ -63,7 +63,7 @@ def test_vision_run_logs_accuracy_with_tta(vision_cfg, tmp_path: Path):
 @pytest.mark.parametrize("model", ["simplenet", "convnet", "convnet2", "convbnnet", "convbnnet2", "resnet",
                                    "resnet2", "resnet_full", "preact_resnet"])
 def test_every_lesson7_model_trains_from_its_config(vision_cfg, model: str):
-    assert math.isfinite(train(vision_cfg(f"model={model}", "trainer.epochs=1", "data.tta=false", tracking=False)))
+    assert math.isfinite(train(vision_cfg(f"model={model}", "trainer.epochs=1", "data.tta=none", tracking=False)))
 
 
 def test_lesson7_presets_compose_with_the_lesson_settings():

@@ -40,6 +40,7 @@ LESSON_STD = (0.24703, 0.24349, 0.26159)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TEST_SPLIT_NAMES = ("test", "valid")
 TTA_SHIFT = 2  # px: the translated test-time views, small enough to keep the object in frame
+TTA_PASSES = 4  # the lesson's TTA: learn.TTA(n_aug=4) adds 4 augmented passes to the original
 CACHE_VERSION = 1  # bump when the cache layout or the decoding changes
 _ARRAY_FIELDS = ("train_x", "train_y", "test_x", "test_y")
 _DECODE_CHUNK = 2500  # images per pool task: large enough that pickling overhead stays small
@@ -488,7 +489,8 @@ class CifarData:
 
     stats: "lesson" uses the lesson's mean/std tuple; "compute" measures them on this train split.
     pad / crop: reflect-pad by `pad` px then take a random 32x32 window per image (crop with pad=0 is
-    a no-op). flip: random horizontal flip. tta: whether the runner should report TTA accuracy.
+    a no-op). flip: random horizontal flip. tta: the views the runner averages for val_accuracy_tta
+    (lesson | views | none, see tta_views).
     """
 
     kind = "image"
@@ -504,7 +506,7 @@ class CifarData:
         pad: int,
         crop: bool,
         flip: bool,
-        tta: bool,
+        tta: str,
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
@@ -522,7 +524,7 @@ class CifarData:
         self.classes = arrays.classes
         self.num_classes = len(arrays.classes)
         self.fingerprint = arrays.fingerprint
-        self.pad, self.crop, self.flip, self.tta = pad, crop, flip, tta
+        self.pad, self.crop, self.flip, self.tta, self.seed = pad, crop, flip, tta, seed
         self.device = torch.device(device)
         self._facts: dict[str, str | int] = {
             "source": str(arrays.source),
@@ -551,14 +553,28 @@ class CifarData:
         )
         self.valid = DeviceBatches(*to_device(arrays.test_x, arrays.test_y), bs, mean, std, drop_last=False)
 
-    def _augment(self, x: Tensor) -> Tensor:
+    def _augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The training augmentation, drawn from the training generator unless given another."""
+        generator = self._generator if generator is None else generator
         if self.crop and self.pad:
-            x = random_crop(x, self.pad, self._generator)
+            x = random_crop(x, self.pad, generator)
         if self.flip:
-            x = random_flip(x, self._generator)
+            x = random_flip(x, generator)
         return x
 
-    tta_views = staticmethod(tta_views)
+    def tta_generator(self) -> torch.Generator:
+        """A fresh generator for the lesson's TTA draws: every evaluation (and every rerun with this
+        seed) sees the same augmented views, and the training generator is left untouched."""
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def tta_views(self, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """The normalised eval batch x and its test-time views (x first); the runner averages the
+        probabilities. tta=lesson: x plus TTA_PASSES draws of the training augmentation, as fastai
+        0.7's learn.TTA() (the original + n_aug=4 passes of aug_dl); tta=views: the fixed views of
+        tta_views() (identity, flip, 2-pixel shifts); tta=none: [x]."""
+        if self.tta == "lesson":
+            return [x, *(self._augment(x, generator) for _ in range(TTA_PASSES))]
+        return tta_views(x, identity_only=self.tta == "none")
 
     def model_args(self) -> dict[str, int]:
         """What the model needs to know about the data: instantiate(cfg.model, **data.model_args())."""

@@ -171,12 +171,23 @@ def resolve_path(path: str, url: str | None, cache_dir: str) -> Path:
     return cached
 
 
-def read_splits(path: Path, valid_frac: float) -> tuple[str, str]:
-    """(train, valid) text: a folder's train/ and valid/ files, or one file cut at 1 - valid_frac."""
+def read_splits(path: Path, valid_frac: float, valid_from_line: int | None) -> tuple[str, str]:
+    """(train, valid) text: a folder's train/ and valid/ files, or one file cut at 1 - valid_frac of
+    its characters, or before line `valid_from_line` (1-based; lines keep their newlines)."""
     if path.is_dir():
+        if valid_from_line is not None:
+            raise DataError(f"data.valid_from_line={valid_from_line} splits a single file, but data.path={path} "
+                            "is a folder with its own train/ and valid/; set data.valid_from_line=null")
         return _read_folder(path, TRAIN_DIRS), _read_folder(path, VALID_DIRS)
     text = _read(path)
-    cut = int(len(text) * (1 - valid_frac))
+    if valid_from_line is None:
+        cut = int(len(text) * (1 - valid_frac))
+        return text[:cut], text[cut:]
+    lines = text.split("\n")  # lines as an editor counts them (the lesson cut its trn/ by lines)
+    if valid_from_line > len(lines):
+        raise DataError(f"data.valid_from_line={valid_from_line} but {path} has {len(lines)} lines; "
+                        "use a smaller line number or data.valid_from_line=null")
+    cut = sum(len(line) + 1 for line in lines[: valid_from_line - 1])  # + 1: each line's newline
     return text[:cut], text[cut:]
 
 
@@ -195,10 +206,10 @@ class TextData:
     kind = "text"
 
     def __init__(self, path: str, url: str | None, cache_dir: str, lower: bool, min_freq: int,
-                 valid_frac: float, bs: int, bptt: int, random_bptt: bool,
+                 valid_frac: float, valid_from_line: int | None, bs: int, bptt: int, random_bptt: bool,
                  device: str | torch.device = "cpu", seed: int = 0) -> None:
         self.path, self.lower = resolve_path(path, url, cache_dir), lower
-        train_text, valid_text = (self.prepare(t) for t in read_splits(self.path, valid_frac))
+        train_text, valid_text = (self.prepare(t) for t in read_splits(self.path, valid_frac, valid_from_line))
         need = bs * (bptt + 1)
         for split, text in (("training", train_text), ("validation", valid_text)):
             if len(text) < need:

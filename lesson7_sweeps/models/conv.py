@@ -29,31 +29,34 @@ from lesson7_sweeps.errors import ConfigError
 class ScratchBatchNorm2d(nn.Module):
     """The lesson's batch norm: per-channel (x - mean) / std over (N, H, W), then scale `m` and shift `a`.
 
-    Training normalises with the batch's statistics and stores them for evaluation: with
-    running_stats=True as an EWMA (momentum 0.1, as torch does); with running_stats=False only the
-    last training batch's, as the lesson's BnLayer kept `self.means` / `self.stds`.
+    Exactly the lesson's BnLayer formula: `std` is the unbiased standard deviation (`x_chan.std(1)`)
+    and there is no eps; only a zero std (a channel constant over the batch, e.g. all zero after the
+    ReLU) is replaced by 1, where the lesson would divide 0 by 0. Training normalises with the
+    batch's statistics and stores them for evaluation: with running_stats=True as an EWMA (momentum
+    0.1, as torch does); with running_stats=False only the last training batch's, as the lesson's
+    BnLayer kept `self.means` / `self.stds`.
     """
 
-    def __init__(self, nf: int, running_stats: bool, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, nf: int, running_stats: bool, momentum: float = 0.1):
         super().__init__()
         self.m = nn.Parameter(torch.ones(nf, 1, 1))
         self.a = nn.Parameter(torch.zeros(nf, 1, 1))
         self.momentum = momentum if running_stats else 1.0  # 1.0: keep only the last batch
-        self.eps = eps
         self.register_buffer("running_mean", torch.zeros(nf))
         self.register_buffer("running_var", torch.ones(nf))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             # reduces over (N, H, W) in place: no transposed copy of x as in the lesson
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
             with torch.no_grad():
-                # the biased var, as used in training (torch stores the unbiased one; N*H*W >> 1)
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var, self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
-        return (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + self.eps) * self.m + self.a
+        # the guard is on the variance, before the sqrt: its gradient at 0 would be infinite
+        std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
+        return (x - mean[:, None, None]) / std[:, None, None] * self.m + self.a
 
 
 def batch_norm(nf: int, bn: str, running_stats: bool) -> nn.Module:
