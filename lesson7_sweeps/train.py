@@ -29,18 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
-from lesson7_sweeps.config import register_schemas, validate
-from lesson7_sweeps.errors import ConfigError, DataError, UserError
+from lesson7_sweeps.config import CONF_DIR, register_schemas, validate
+from lesson7_sweeps.errors import CheckpointError, ConfigError, DataError, UserError
+from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PROG = "lesson7-train"
 
 register_schemas()
-OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)), replace=True)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -95,11 +94,12 @@ def train(cfg: DictConfig) -> float:
 
 
 def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
-              resume: str | None = None) -> Outcome:
+              resume: str | None = None, checkpoint: str = "last.pt") -> Outcome:
     """Build everything from `cfg`, fit, and return the objective and the MLflow run.
 
     `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns);
-    `resume` is the id of a run to continue from its last checkpoint (in the same MLflow run).
+    `resume` is the id of a run to continue (in the same MLflow run) from its `checkpoint`; it is
+    loaded and checked before the run is marked RUNNING again.
     Raises UserError (before any MLflow run exists) for bad config or data, and
     runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
     validate(cfg)
@@ -111,25 +111,43 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     if expect_data is not None and data.fingerprint != expect_data:
         raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
+    check_fits(lambda: build(cfg.model, **data.model_args()), device)
     model = build(cfg.model, **data.model_args()).to(device)
     if cfg.trainer.compile:
         model.compile()  # in place: the module (and its reset()/hidden state) stays the same object
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
 
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
-        out_dir, start = hydra_dir or Path(tmp), None
-        if resume is not None:
-            path = logger.resume(resume, Path(tmp))
-            start = ckpt.load(path, device) if path is not None else None
-        else:
-            params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
-                      "dataset.fingerprint": data.fingerprint,
-                      "model.n_params": sum(p.numel() for p in model.parameters())}
-            logger.start(default_run_name(cfg), params, {**run_tags(device), **(tags or {})})
+    def load(path: Path | None) -> dict | None:  # before the run is marked RUNNING again
+        if path is None and checkpoint == "final.pt":
+            raise CheckpointError(f"resume={resume}: the run kept no final checkpoint (trainer.checkpoints=false), "
+                                  f"so it cannot be extended")
+        state = ckpt.load_verified(path, device) if path is not None else None
         try:
-            if resume is None:
+            if state is not None:
+                model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoints/{path.name} does not fit this model "
+                                  f"({str(e).splitlines()[0]})") from None
+        return state
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    # From here to the end of the run, SIGINT/SIGTERM only ask training to stop, and none can
+    # interrupt ending the run: every way out leaves it FINISHED, FAILED or KILLED (checkpoint.py).
+    with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp, ckpt.stop_requests():
+        out_dir, start = hydra_dir or Path(tmp), None
+        try:
+            if resume is not None:
+                start = logger.resume(resume, Path(tmp), checkpoint, load)
+                if tags:  # the overrides a resume applied: the run's config.yaml says what it trains now
+                    logger.set_tags(tags)
+                    logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            else:
+                params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
+                          "dataset.fingerprint": data.fingerprint,
+                          "model.n_params": sum(p.numel() for p in model.parameters())}
+                warnings = {"data_warning": " / ".join(data.warnings)} if data.warnings else {}
+                logger.start(default_run_name(cfg), params, {**run_tags(device), **warnings, **(tags or {})})
                 logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
                 if hydra_dir is not None:
                     logger.log_artifact(hydra_dir / ".hydra", ".hydra")
@@ -140,28 +158,29 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
             else:
                 result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
-            logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
+            with ckpt.shielded():
+                marked = logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
+            if isinstance(e, Interrupted):
+                e.marked = marked and logger.run_id is not None
             raise
         except BaseException as e:
-            logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with ckpt.shielded():
+                logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
-        logger.close("FINISHED")
+        with ckpt.shielded():
+            logger.close("FINISHED")
     return Outcome(result, logger.run_id)
 
 
 def resume_run(cfg: DictConfig) -> float:
-    """`lesson7-train resume=RUN_ID`: continue that run in the store at tracking.uri, with the run's
-    own config (rebuilt from its artifacts, `_target_`s allow-listed), from its last checkpoint."""
-    from lesson7_sweeps.rerun import read_run, rebuild_config  # rerun imports this module
+    """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
+    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint."""
+    from lesson7_sweeps.resume import plan  # MLflow's import: only when resuming
 
-    if "uri" not in cfg.tracking:
-        raise ConfigError(f"resume={cfg.resume} needs the MLflow store the run is in; drop tracking=none")
-    _, run, stored = read_run(cfg.tracking.uri, cfg.resume)
-    run_cfg, notes = rebuild_config(stored, run.data.tags)
-    for note in notes:
-        log.warning(note)
-    run_cfg.tracking.uri = cfg.tracking.uri
-    return train_run(run_cfg, resume=cfg.resume).objective
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    run_cfg, checkpoint, changed = plan(cfg, overrides)
+    tags = {"resume_overrides": " ".join(changed)} if changed else None
+    return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
 def _is_multirun() -> bool:
@@ -179,12 +198,23 @@ def main(cfg: DictConfig) -> float:
             return float("inf")
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except Exception as e:  # a bug or the device (CUDA OOM): this trial failed (its run FAILED), not the sweep
+        if not _is_multirun():
+            raise
+        log.error("trial failed, objective +inf: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0])
+        return float("inf")
 
 
 def cli() -> None:
     """Console entry: check every composed config before Hydra starts any job."""
     from lesson7_sweeps.preflight import preflight
+    from lesson7_sweeps.usage import mark_failed_cli, usage
 
+    if sys.argv[1:2] == ["--mark-failed"]:
+        sys.exit(mark_failed_cli(sys.argv[2:]))
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(usage())
+        return
     try:
         preflight(sys.argv[1:], CONF_DIR, "train")
         main()
@@ -193,8 +223,9 @@ def cli() -> None:
         sys.exit(2)
     except KeyboardInterrupt as e:
         name, code = ckpt.interrupt_signal(e)
-        saved = "; its checkpoint was saved" if isinstance(e, Interrupted) else ""
-        print(f"{PROG}: interrupted by {name}; the run was marked KILLED{saved}", file=sys.stderr)
+        marked = "; the run was marked KILLED" if isinstance(e, Interrupted) and e.marked else ""
+        saved = "; its checkpoint was saved" if isinstance(e, Interrupted) and e.saved else ""
+        print(f"{PROG}: interrupted by {name}{marked}{saved}", file=sys.stderr)
         sys.exit(code)
 
 
