@@ -152,6 +152,7 @@ class MlflowLogger:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         experiment_id = self.prepare()
+        _quiet_store_errors()
         self._beat = time.time()
         tags = {**tags, HEARTBEAT_TAG: str(int(self._beat))}
         run = self.client.create_run(experiment_id, run_name=self.run_name or run_name, tags=tags)
@@ -180,6 +181,7 @@ class MlflowLogger:
             with quiet_downloads():
                 path = Path(self.client.download_artifacts(run_id, f"checkpoints/{checkpoint}", str(dest)))
         state = load(path)  # a damaged checkpoint stops here, with the run as it was
+        _quiet_store_errors()
         self._beat = time.time()
         self.client.set_tag(run_id, HEARTBEAT_TAG, str(int(self._beat)))
         self.client.update_run(run_id, status="RUNNING")
@@ -309,11 +311,11 @@ class MlflowLogger:
         if self.uri.startswith(("http://", "https://")):
             return
         while self._pending and all(f.done() for f in self._pending[0][0]._operation_futures):
-            try:
-                self._pending[0][0].wait()
-            except Exception as e:  # left pending: close() counts its metrics as lost
-                raise UserError(f"the MLflow store {self.uri} cannot be written ({_root_cause(e)}); free space "
-                                f"or fix its permissions, then continue with resume={self.run_id}") from None
+            failed = [f.exception() for f in self._pending[0][0]._operation_futures if f.exception()]
+            if failed:  # left pending: close() counts its metrics as lost
+                raise UserError(f"the MLflow store {self.uri} cannot be written ({_root_cause(failed[0])}); free "
+                                f"space or fix its permissions, then continue the run: lesson7-train "
+                                f"resume={self.run_id} force_resume=true")
             self._pending.pop(0)
 
     def mark_failed(self, run_id: str, force: bool) -> None:
@@ -342,6 +344,13 @@ class MlflowLogger:
             self.client.set_tag(self.run_id, key, value)
 
 
+def _quiet_store_errors() -> None:
+    """MLflow logs every failed write with a traceback (one per metric batch: hundreds on a full
+    disk); the logger reports a store failure itself, in one line, so those records are dropped."""
+    for name in ("mlflow.store.db.utils", "mlflow.utils.async_logging.async_logging_queue"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def heartbeat_age(run: Any) -> float | None:
     """Seconds since a RUNNING run's last heartbeat (None: not RUNNING, or from before heartbeats)."""
     beat = run.data.tags.get(HEARTBEAT_TAG)
@@ -350,8 +359,8 @@ def heartbeat_age(run: Any) -> float | None:
 
 def _root_cause(e: BaseException) -> str:
     """The innermost exception's first line: '[Errno 111] Connection refused', 'timed out', ..."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
+    while (e.__cause__ or e.__context__) is not None and not isinstance(e.__cause__ or e.__context__, UserError):
+        e = e.__cause__ or e.__context__  # (not into the error a failure happened while handling)
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 

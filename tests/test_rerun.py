@@ -162,7 +162,8 @@ def test_a_planted_target_is_refused_before_anything_runs(make_cfg, store: str, 
 
 def test_user_mistakes_are_one_line_and_create_nothing(store: str, tmp_path: Path, capsys):
     client = MlflowClient(store)
-    bare = client.create_run(client.create_experiment("test", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    experiment = client.create_experiment("test", artifact_location=str(tmp_path / "artifacts"))
+    bare = client.create_run(experiment).info.run_id
     missing = tmp_path / "nowhere" / "mlflow.db"
     cases = [
         (store, "0" * 32, f"no run '{'0' * 32}' in {store}"),
