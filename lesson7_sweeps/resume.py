@@ -40,7 +40,7 @@ def changed_overrides(cfg: DictConfig, run_cfg: DictConfig, run_tags: dict[str, 
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(f"{getattr(e, 'override', '')}: {e}") from None
-    changed = []
+    changed: dict[str, str] = {}  # key -> the last override of it (Hydra's rule)
     for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra") or key in WHICH_RUN:
@@ -56,8 +56,9 @@ def changed_overrides(cfg: DictConfig, run_cfg: DictConfig, run_tags: dict[str, 
             raise ConfigError(f"{o.input_line}: resume continues the run with its own config; only "
                               f"{', '.join(SAFE)} may change (lesson7-rerun {cfg.resume} {o.input_line} trains a new "
                               f"run with it)")
-        changed.append(o.input_line)
-    return changed
+        changed.pop(key, None)
+        changed[key] = o.input_line
+    return list(changed.values())
 
 
 def plan(cfg: DictConfig, overrides: list[str]) -> Plan:

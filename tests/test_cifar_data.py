@@ -185,6 +185,16 @@ def test_changed_image_is_decoded_again(tmp_path):
     assert (second.train_x[0] == 7).all() and not (first.train_x[0] == 7).all()
 
 
+def test_building_the_cache_is_said_once_with_where(tmp_path, caplog):
+    write_layout(tmp_path / "cifar")
+    with caplog.at_level("INFO", logger="lesson7_sweeps.data.cifar"):
+        first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    said = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert said == [f"decoding CIFAR-10 from {tmp_path / 'cifar'} into the cache {first.cache_path} (once; later "
+                    f"runs load it in about a second)"]
+
+
 def test_touched_tar_keeps_its_cache(tmp_path, monkeypatch):
     write_layout(tmp_path / "cifar")
     tar = write_tar(tmp_path / "cifar.tar.gz", tmp_path / "cifar", arcname="cifar10")

@@ -25,12 +25,7 @@ from .conftest import make_text
 HERE = f"{__name__}.SignalAt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Terminated(BaseException):
