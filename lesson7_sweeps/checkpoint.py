@@ -21,18 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesson7_sweeps.errors import CheckpointError
+
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on a signal after saving a checkpoint."""
+    """Training stopped on a signal: at a step boundary after saving a checkpoint (`saved`), or at
+    once on a second signal. `marked`: the run was then ended KILLED in the store."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
+    def __init__(self, signum: int, saved: bool = True) -> None:
+        self.signum, self.saved, self.marked = signum, saved, False
         super().__init__(signal.Signals(signum).name)
 
 
 def interrupt_signal(e: KeyboardInterrupt) -> tuple[str, int]:
     """The signal that stopped training, and the conventional exit code for it (128 + number)."""
-    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    signum = getattr(e, "signum", signal.SIGINT)  # Interrupted, or a sweep stopped between trials
     return signal.Signals(signum).name, 128 + signum
 
 
@@ -61,28 +64,84 @@ def save(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "batch", "step", "smooth", "first_bad", "metrics",
+                   "loader", "hidden", "rng")
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _Requests(list):
+    """The signals received while a run is open; `shielded`: a further one is only recorded."""
+
+    shielded = False
+
+
+_active: _Requests | None = None  # the requests of the open run (stop_requests nests)
 
 
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
     """While active, SIGINT and SIGTERM (what SLURM sends before it kills a job) only *ask* the
     training loop to stop: it saves a checkpoint at the next step boundary, where every state is
-    consistent. A second signal interrupts at once. Yields the list of signals received."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        yield received
+    consistent (`stopping`). A second signal interrupts at once, unless the run is already on its
+    way out (`stopping` was called, or `shielded()`: closing the run), where every further signal
+    is only recorded, so that no signal can leave a run RUNNING. Nested uses share one list; yields
+    the signals received."""
+    global _active
+    if _active is not None or threading.current_thread() is not threading.main_thread():
+        yield _active if _active is not None else _Requests()  # signals only reach the main thread
         return
+    received = _Requests()
 
     def handler(signum: int, frame: Any) -> None:
-        if received:
-            raise KeyboardInterrupt
         received.append(signum)
+        if len(received) > 1 and not received.shielded:
+            received.shielded = True
+            raise Interrupted(signum, saved=False)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _active = received
     try:
         yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _active = None
+
+
+def stopping(signals: list[int], saved: bool) -> Interrupted:
+    """The exception that stops training on the first signal received; from here on signals are
+    only recorded (raise what this returns)."""
+    if isinstance(signals, _Requests):
+        signals.shielded = True
+    return Interrupted(signals[0], saved)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Signals during this block are only recorded (e.g. while a run is being ended)."""
+    requests = _active
+    if requests is None:
+        yield
+        return
+    before, requests.shielded = requests.shielded, True
+    try:
+        yield
+    finally:
+        requests.shielded = before
+
+
+def load_verified(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """`load`, with one plain reason when the file is not a checkpoint this code wrote: truncated,
+    corrupt, or holding objects `weights_only` refuses (never load those: they may run code)."""
+    try:
+        state = load(path, map_location)
+    except Exception as e:  # zip, pickle and torch errors share no base class
+        raise CheckpointError(f"{path.name} is damaged or untrusted ({type(e).__name__}): it is not a checkpoint "
+                              f"this code wrote") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path.name} lacks {', '.join(missing)}: it is not a checkpoint this code wrote")
+    return state

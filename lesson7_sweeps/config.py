@@ -8,8 +8,11 @@ data is read or any MLflow run exists.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,14 +21,25 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.errors import ConfigError
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # what `objective` may name, and which way a sweep optimises it
 OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize"}
 TTA_MODES = ("lesson", "views", "none")
+# what each kind of data reports (val_accuracy_tta unless data.tta=none)
+DATA_METRICS = {"text": ("val_loss", "val_bpc", "val_accuracy"),
+                "image": ("val_loss", "val_accuracy", "val_accuracy_tta")}
+SEED_RANGE = 2**32  # numpy's seeds are 32-bit
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _number_or_none(key: str, value: Any) -> None:
+    """A field typed Any because OmegaConf has no Union: a number, or null; never a node."""
+    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    _check(ok, key, value, "use a number, or null")
 
 
 def _per_group(key: str, value: Any, positive: bool) -> None:
@@ -44,7 +58,7 @@ def _per_group(key: str, value: Any, positive: bool) -> None:
 class TextDataConfig:
     _target_: str = MISSING
     path: str = MISSING  # a text file (split by valid_frac) or a folder with train/ and valid/
-    url: Any = MISSING  # public copy downloaded when path is missing; null = never download
+    url: str | None = MISSING  # public copy downloaded when path is missing; null = never download
     cache_dir: str = MISSING
     lower: bool = MISSING
     min_freq: int = MISSING
@@ -61,13 +75,15 @@ class TextDataConfig:
         _check(0 < self.valid_frac < 1, "data.valid_frac", self.valid_frac, "must be in (0, 1)")
         _check(self.valid_from_line is None or (isinstance(self.valid_from_line, int) and self.valid_from_line >= 2),
                "data.valid_from_line", self.valid_from_line, "use a line number >= 2, or null to cut at valid_frac")
+        _check(self.url is None or self.url.startswith(("https://", "http://")), "data.url", self.url,
+               "use an http(s):// address, or null for no download")
 
 
 @dataclass
 class CifarDataConfig:
     _target_: str = MISSING
     root: str = MISSING  # torchvision's cifar-10-batches-py, a train/ + test/ class-folder layout, or a .tar.gz of it
-    cache_dir: Any = MISSING  # null = beside the source (or ~/.cache/lesson7_sweeps when read-only)
+    cache_dir: str | None = MISSING  # null = beside the source (or ~/.cache/lesson7_sweeps when read-only)
     download: bool = MISSING
     bs: int = MISSING
     stats: str = MISSING
@@ -208,6 +224,8 @@ class PhaseConfig:
     final_div: Any = None
 
     def __post_init__(self) -> None:
+        for name in ("epochs", *(n for names in PHASE_KINDS.values() for n in names)):
+            _number_or_none(f"schedule.phases.{name}", getattr(self, name))
         _check(self.kind in PHASE_KINDS, "schedule.phases.kind", self.kind, f"use one of {list(PHASE_KINDS)}")
         _check(self.epochs is None or self.epochs > 0, "schedule.phases.epochs", self.epochs,
                "use a number of epochs > 0, or null for the rest of training")
@@ -257,11 +275,11 @@ class LRFinderConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = MISSING
-    max_steps: Any = MISSING  # cap on optimizer steps (smoke runs); null = no cap
+    max_steps: int | None = MISSING  # cap on optimizer steps (smoke runs); null = no cap
     device: str = MISSING
     threads: str = MISSING  # auto or a number >= 1
     deterministic: bool = MISSING
-    clip_grad_norm: Any = MISSING  # max global grad norm; null = no clipping
+    clip_grad_norm: float | None = MISSING  # max global grad norm; null = no clipping
     label_smoothing: float = MISSING
     precision: str = MISSING
     channels_last: str = MISSING
@@ -274,7 +292,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
-        _check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+        _check(self.max_steps is None or self.max_steps >= 1,
                "trainer.max_steps", self.max_steps, "use an integer >= 1, or null for no cap")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "trainer.device",
                self.device, "use auto, cpu, cuda or cuda:N")
@@ -302,13 +320,18 @@ class MlflowTrackingConfig:
     _target_: str = MISSING
     uri: str = MISSING
     experiment: str = MISSING
-    artifact_location: Any = MISSING  # null = MLflow's default for the store
-    run_name: Any = MISSING  # null = derived from the model and its key hyper-parameters
+    artifact_location: str | None = MISSING  # null = beside a sqlite store's file; a server decides its own
+    run_name: str | None = MISSING  # null = derived from the model and its key hyper-parameters
     log_model: bool = MISSING
     system_metrics: bool = MISSING
+    heartbeat_s: float = MISSING
+    stale_after_s: float = MISSING
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "give a non-empty name")
+        _check(self.heartbeat_s > 0, "tracking.heartbeat_s", self.heartbeat_s, "must be > 0 seconds")
+        _check(self.stale_after_s > self.heartbeat_s, "tracking.stale_after_s", self.stale_after_s,
+               "must exceed tracking.heartbeat_s, or a live run would look stale")
 
 
 @dataclass
@@ -328,21 +351,63 @@ SCHEMAS = {
 
 
 def register_schemas() -> None:
+    """The schemas for conf/ options to start from, and the `abspath` resolver conf/ uses."""
     cs = ConfigStore.instance()
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
             cs.store(group=group, name=name, node=node)
+    OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)), replace=True)
+
+
+def _unknown_keys(node: DictConfig, prefix: str) -> list[str]:
+    """Keys under a schema'd node that its schema lacks: `+trainer.epoch=5` adds one past Hydra's
+    struct check, and `OmegaConf.to_object` would drop it without a word."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return []
+    known = {f.name for f in fields(schema)}
+    out = []
+    for k in node:
+        key, child = f"{prefix}.{k}", node._get_node(k)
+        if k not in known:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            out.append(f"{key}: no such setting" + (f" (did you mean {prefix}.{close[0]}?)" if close else ""))
+        elif isinstance(child, DictConfig):
+            out += _unknown_keys(child, key)
+        elif OmegaConf.is_list(child):
+            out += [u for i, item in enumerate(child) if isinstance(item, DictConfig)
+                    for u in _unknown_keys(item, f"{key}[{i}]")]
+    return out
+
+
+def data_kind(cfg: DictConfig) -> str:
+    """'text' or 'image': which models and metrics fit the chosen data."""
+    return "text" if OmegaConf.get_type(cfg.data) is TextDataConfig else "image"
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every value; raise ConfigError with one line that names the key and what is allowed."""
-    _check(isinstance(cfg.seed, int), "seed", cfg.seed, "use an integer")
+    _check(isinstance(cfg.seed, int) and 0 <= cfg.seed < SEED_RANGE, "seed", cfg.seed,
+           "use an integer in [0, 2**32) (numpy's seed range)")
     _check(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume, "give an MLflow run id")
+    _check(isinstance(cfg.force_resume, bool), "force_resume", cfg.force_resume, "use true or false")
     _check(cfg.objective in OBJECTIVES, "objective", cfg.objective, f"use one of {', '.join(OBJECTIVES)}")
     for group in SCHEMAS:
+        unknown = _unknown_keys(cfg[group], group)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}; '+' cannot add keys to the {group} group, only set its existing ones")
         try:
             OmegaConf.to_object(cfg[group])  # builds the dataclasses, which runs their __post_init__
         except OmegaConfBaseException as e:
             msg = str(e).splitlines()[0]
             key = getattr(e, "full_key", None)
             raise ConfigError(f"{group}.{key}: {msg}" if key else f"{group}: {msg}") from None
+    kind = data_kind(cfg)
+    rnn = OmegaConf.get_type(cfg.model) is RNNModelConfig
+    if rnn != (kind == "text"):
+        fits = "model=rnn, gru or lstm" if kind == "text" else "an image model (model=simplenet, ..., resnet2)"
+        raise ConfigError(f"model._target_={cfg.model._target_} is {'a text' if rnn else 'an image'} model but "
+                          f"data._target_={cfg.data._target_} is {kind} data; pick {fits} for this data")
+    metrics = [m for m in DATA_METRICS[kind] if m != "val_accuracy_tta" or cfg.data.tta != "none"]
+    _check(cfg.objective in metrics, "objective", cfg.objective,
+           f"{kind} data{' with data.tta=none' if kind == 'image' else ''} reports only {', '.join(metrics)}")

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Data is missing, unreadable or too small."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: damaged, or holding what this code never writes."""

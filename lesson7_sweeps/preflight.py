@@ -1,4 +1,5 @@
-"""Compose and validate the config of every job before Hydra launches any, with one-line errors.
+"""Compose and validate the config of every job, and check its tracking store, before Hydra launches
+any, with one-line errors.
 
 Hydra reports a bad override as several lines (and exits 1) and only once the job has started;
 a sweep with one bad value would fail half-way. Here each value of each sweep override is
@@ -12,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.config import validate
@@ -77,6 +80,7 @@ def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):
         return  # --help, --cfg, --config-name ...: Hydra's own business
+    stores = []
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         given = [a for a in argv if not a.startswith("-")]
         if flags:  # a multirun: a preset's hydra.sweeper.params are sweeps too
@@ -87,3 +91,8 @@ def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
             except (HydraException, OmegaConfBaseException) as e:
                 raise ConfigError(_one_line(e)) from None
             validate(cfg)
+            stores.append(cfg.tracking)
+    # a bad tracking.uri or a deleted experiment: one line now, not a traceback after data and model
+    # were built (or from the multirun callback); each distinct store once
+    for tracking in {OmegaConf.to_yaml(t, resolve=True): t for t in stores}.values():
+        instantiate(tracking).check()

@@ -35,8 +35,10 @@ def sort_flat(src: Path, dest: Path, move: bool) -> Counter[str]:
     targets = []
     for f in files:  # check every name before touching anything, so a bad name leaves SRC intact
         _, sep, cls = f.stem.partition("_")
-        if not sep or not cls:
-            raise DataError(f"{f} is not named <id>_<class>{f.suffix}; rename it or move it out of {src}")
+        # the class becomes a folder name: "..", "." or a hidden name would land outside DEST or be skipped
+        if not sep or not cls or cls.startswith(".") or "/" in cls or "\\" in cls:
+            raise DataError(f"{f} is not named <id>_<class>{f.suffix} with a plain class name; rename it or move "
+                            f"it out of {src}")
         targets.append(dest / cls / f.name)
     transfer = shutil.move if move else shutil.copy2
     for f, target in zip(files, targets):

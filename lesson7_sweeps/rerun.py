@@ -5,8 +5,8 @@
     lesson7-rerun 3f2a9c... --strict                # refuse unless the code is provably the run's
     lesson7-rerun 3f2a9c... --tracking-uri http://mlflow:5000   # or MLFLOW_TRACKING_URI=...
 
-The run's config.yaml artifact (resolved) is turned back into a typed, validated config
-(`rebuild_config`), every `_target_` in it is checked against an allow-list (`check_targets`), the
+The run's config.yaml artifact (resolved) is read as data and rebuilt from this checkout's conf/
+options into a typed, validated config (`stored.rebuild_config`: nothing in it can choose code), the
 code version and the data are compared with the run's, and the new run (tagged `rerun_of`) goes to
 the same store. Its final metrics are printed next to the original's.
 """
@@ -15,253 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
-
-from hydra import compose, initialize_config_dir
-from hydra._internal.utils import _locate
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.checkpoint import interrupt_signal
-from lesson7_sweeps.config import SCHEMAS, validate
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.runner import TrainingDiverged
-from lesson7_sweeps.tracking import MlflowLogger, git_tags
-from lesson7_sweeps.train import CONF_DIR, train_run
+from lesson7_sweeps.stored import apply_overrides, default_uri, read_run, rebuild_config
+from lesson7_sweeps.tracking import git_tags
+from lesson7_sweeps.train import train_run
 
 PROG = "lesson7-rerun"
-# Packages whose callables a config read back from a tracking server may instantiate.
-ALLOWED_TARGETS = ("lesson7_sweeps", "torch.nn", "torch.optim")
-_TARGET_PATH = re.compile(rf"^({'|'.join(map(re.escape, ALLOWED_TARGETS))})(\.[A-Za-z]\w*)+$")
-PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TIMING_METRICS = frozenset({"throughput"})  # wall-clock measurements: never equal between two runs
-
-
-@contextmanager
-def _composing() -> Iterator[None]:
-    """Hydra's compose() over conf/; inside a running lesson7-train (resume) Hydra is set up already."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-        return
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
-
-
-# --- the stored config: safety checks ----------------------------------------------------------
-
-
-def _items(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every (key, value) of a plain container, depth first: 'model', 'model._target_', ...,
-    'schedule.phases', 'schedule.phases[0]', 'schedule.phases[0].kind'."""
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in children:
-        key = f"{prefix}[{k}]" if isinstance(node, list) else f"{prefix}.{k}" if prefix else str(k)
-        yield key, v
-        yield from _items(v, key)
-
-
-def _in_allowed_package(module: object) -> bool:
-    return isinstance(module, str) and any(module == p or module.startswith(p + ".") for p in ALLOWED_TARGETS)
-
-
-def check_targets(cfg: DictConfig | dict) -> None:
-    """Raise ConfigError (one line, naming the key and the target) unless every `_target_`, at any
-    depth, names a callable defined in lesson7_sweeps, torch.nn or torch.optim.
-
-    The dotted path alone is not enough: `lesson7_sweeps.tracking.subprocess.run` starts with our
-    package but Hydra would locate `subprocess.run` through the module's import. So the path must be
-    plain public names under an allowed package, and the object it locates must be *defined* in one.
-    Locating only imports modules of those packages; nothing is called."""
-    container = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-    allowed = ", ".join(f"{p}." for p in ALLOWED_TARGETS)
-    for key, value in _items(container):
-        if key.rpartition(".")[2] != "_target_":
-            continue
-        refused = ConfigError(f"{key}={value!r} is not allowed: a config read back from a tracking store may only "
-                              f"instantiate callables defined in {allowed}")
-        if not (isinstance(value, str) and _TARGET_PATH.match(value)):
-            raise refused
-        try:  # Hydra's own lookup (instantiate's), so the object checked is the one it would build
-            module = getattr(_locate(value), "__module__", None)
-        except Exception:
-            raise ConfigError(f"{key}={value!r}: no such callable in this checkout (the code changed since the run?)"
-                              ) from None
-        if not _in_allowed_package(module):
-            raise refused
-
-
-def parse_stored_config(text: str) -> DictConfig:
-    """config.yaml of a run -> DictConfig, refusing anything a resolved config cannot contain."""
-    try:
-        cfg = OmegaConf.create(text)
-    except Exception as e:  # yaml's and OmegaConf's errors share no base class
-        raise ConfigError(f"config.yaml is not a valid config: {_first_line(e)}") from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError("config.yaml is not a mapping of config keys")
-    for key, value in _items(OmegaConf.to_container(cfg)):
-        # Resolving an interpolation from a tracking store could read (and log) environment variables.
-        if isinstance(value, str) and "${" in value:
-            raise ConfigError(f"{key}={value!r}: a stored config is resolved, so an interpolation in it is refused")
-    check_targets(cfg)
-    return cfg
-
-
-# --- the stored config -> a typed, validated config --------------------------------------------
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-
-
-def _pick_option(group: str, node: Any, preferred: list[str | None]) -> str:
-    options = _options(group)
-    order = list(dict.fromkeys(o for o in [*preferred, *options] if o in options))
-    target = node.get("_target_") if isinstance(node, dict) else None
-    if target is None:
-        return order[0]
-    for option in order:
-        if compose(f"{group}/{option}")[group].get("_target_") == target:
-            return option
-    raise ConfigError(f"{group}._target_={target}: no option in conf/{group}/ builds it any more "
-                      f"(the code changed since the run)")
-
-
-def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False) -> tuple[DictConfig, list[str]]:
-    """The typed, validated config of a run, from its resolved config.yaml and its tags; and warnings.
-
-    Values are typed by the structured schemas that conf/ options start from, so the stored values
-    are merged (every one wins) onto a config composed from conf/ with, per group, the first option
-    in this order whose `_target_` is the stored one:
-      1. the run's `choice.<group>` tag (runs launched through Hydra have one),
-      2. today's default option,
-      3. the other options in conf/<group>/, by name.
-    Matching `_target_`s instead of trusting the tag works without tags (train(cfg) called directly,
-    reruns of reruns), with a stale tag, and with a forged one (a tag only picks among this
-    checkout's options). Groups without `_target_` (schedule, trainer) have one schema for all their
-    options, so the first option in that order fits.
-
-    A stored key the current schema lacks means the code changed since the run: ConfigError naming
-    it, or with `force` a warning and the key is dropped. Keys new since the run keep today's
-    defaults (a warning names them). Top-level keys the run appended (`+lr_find=true` in its
-    `hydra_overrides` tag) are kept."""
-    stored_tree = OmegaConf.to_container(stored)
-    with _composing():
-        defaults = compose("train", return_hydra_config=True).hydra.runtime.choices
-        choices = [f"{g}={_pick_option(g, stored_tree.get(g), [tags.get(f'choice.{g}'), defaults.get(g)])}"
-                   for g in SCHEMAS]
-        base = compose("train", overrides=choices)
-    base_tree = OmegaConf.to_container(base)
-    base_nodes = {"": base_tree, **dict(_items(base_tree))}
-    stored_nodes = {"": stored_tree, **dict(_items(stored_tree))}
-
-    def only_in(mine: dict[str, Any], other: dict[str, Any]) -> list[str]:
-        """Keys of `mine` whose parent is a mapping in `other` that lacks them (list items aside:
-        a merge replaces lists whole, and checks their items' keys itself)."""
-        return [k for k in mine if k and "[" not in k and k not in other
-                and isinstance(other.get(k.rpartition(".")[0]), dict)]
-
-    appended = {t.lstrip("+").split("=")[0] for t in tags.get("hydra_overrides", "").split() if t.startswith("+")}
-    unknown = [k for k in only_in(stored_nodes, base_nodes) if k not in appended]
-    notes = []
-    if unknown and not force:
-        raise ConfigError(f"{', '.join(unknown)}: not a setting of the current code (it changed since the run); "
-                          f"use --force to drop it from the rerun")
-    if unknown:
-        notes.append(f"dropped settings the current code does not have: {', '.join(unknown)}")
-        for key in unknown:
-            parent, _, name = key.rpartition(".")
-            del stored_nodes[parent][name]
-    new = only_in(base_nodes, stored_nodes)
-    if new:
-        notes.append(f"settings new since the run take today's defaults: {', '.join(new)}")
-    for key in appended & stored_nodes.keys() - base_nodes.keys():
-        OmegaConf.update(base, key, stored_nodes[key], force_add=True)
-    try:
-        cfg = OmegaConf.merge(base, stored_tree)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "")
-        raise ConfigError(f"{key}: the run's value does not fit the current schema: {_first_line(e)}") from None
-    validate(cfg)
-    return cfg, notes
-
-
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
-    """Hydra-style `key=value` (and `+key=value`, `++key=value`) overrides, applied in place.
-
-    Group choices (`model=gru`) are refused: they would swap the very settings a rerun reproduces.
-    tracking.uri is refused: a rerun goes to the store it read the run from (--tracking-uri)."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(f"{getattr(e, 'override', '')}: {_first_line(e)}") from None
-    for o in parsed:
-        key = o.key_or_group
-        if o.is_sweep_override() or o.is_delete() or o.package is not None or key in SCHEMAS or key == "tracking.uri":
-            raise ConfigError(f"{o.input_line}: a rerun takes single-value key=value overrides (no sweeps, "
-                              f"deletions, config group choices or tracking.uri)")
-        try:
-            OmegaConf.update(cfg, key, o.value(), merge=True, force_add=o.is_add() or o.is_force_add())
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{o.input_line}: {_first_line(e)}") from None
-
-
-# --- the tracking store ------------------------------------------------------------------------
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def default_uri() -> str:
-    """lesson7-train's store: MLFLOW_TRACKING_URI, else the default of conf/tracking/mlflow.yaml."""
-    with _composing():
-        return compose("train", overrides=["tracking=mlflow"]).tracking.uri
-
-
-def read_run(uri: str, run_id: str) -> tuple[MlflowClient, Run, DictConfig]:
-    """(client, run, its stored config) from the store at `uri`; UserError when any is missing."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri} (no such file); give --tracking-uri or set MLFLOW_TRACKING_URI")
-    # a server must answer now, not after MLflow's minutes of retries
-    MlflowLogger(uri, experiment="", artifact_location=None, run_name=None).check()
-    try:
-        client = MlflowClient(uri)
-    except MlflowException as e:
-        raise UserError(f"cannot open the MLflow store {uri}: {_first_line(e)}") from None
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise UserError(f"no run {run_id!r} in {uri}") from None
-        raise UserError(f"cannot read the MLflow store {uri}: {_first_line(e)}") from None
-    bar = os.environ.get(PROGRESS_BAR)
-    os.environ[PROGRESS_BAR] = "false"  # MLflow draws one on stderr for any download, even of one small file
-    try:
-        with tempfile.TemporaryDirectory(prefix="lesson7-rerun-") as tmp:
-            if "config.yaml" not in {a.path for a in client.list_artifacts(run_id)}:
-                raise UserError(f"run {run_id} has no config.yaml artifact, so it cannot be rerun")
-            text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
-    except (MlflowException, OSError) as e:
-        raise UserError(f"cannot read the artifacts of run {run_id}: {_first_line(e)}") from None
-    finally:
-        if bar is None:
-            del os.environ[PROGRESS_BAR]
-        else:
-            os.environ[PROGRESS_BAR] = bar
-    return client, run, parse_stored_config(text)
 
 
 def check_code(run_tags: dict[str, str], strict: bool) -> None:

@@ -153,6 +153,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         logger.log_artifact(ckpt.save(out_dir / name, state), "checkpoints")
 
     with ckpt.stop_requests() as signals:
+        epoch = epoch0 - 1  # a run resumed after its last epoch (stopped while sampling) trains no more
         for epoch in range(epoch0, tc.epochs):
             model.train()
             if batch0 == 0:
@@ -182,7 +183,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                     save(f"cycle_{cycle}.pt", epoch, i + 1)
                 if signals:  # SIGINT / SIGTERM: stop here, where every state is consistent
                     save("last.pt", epoch, i + 1)
-                    raise ckpt.Interrupted(signals[0])
+                    raise ckpt.stopping(signals, saved=True)
                 stop = tc.max_steps is not None and step >= tc.max_steps
                 if stop:
                     break
@@ -200,14 +201,16 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             if tc.checkpoints:
                 save("last.pt", epoch + 1, 0)  # every epoch: what a crashed run resumes from
             if signals:
-                raise ckpt.Interrupted(signals[0])
+                raise ckpt.stopping(signals, saved=True)
         if tc.checkpoints:
             save("final.pt", epoch + 1, 0)
-
-    if data.kind == "text" and tc.sample.chars > 0:
-        prompt = data.vocab.encode(data.prepare(tc.sample.prompt)).to(device)
-        ids = generate(model, prompt, tc.sample.chars, tc.sample.temperature)
-        logger.log_text(tc.sample.prompt + data.vocab.decode(ids), "sample.txt")
+        if data.kind == "text" and tc.sample.chars > 0:
+            prompt = data.vocab.encode(data.prepare(tc.sample.prompt)).to(device)
+            ids = generate(model, prompt, tc.sample.chars, tc.sample.temperature)
+            logger.log_text(tc.sample.prompt + data.vocab.decode(ids), "sample.txt")
+        if signals:  # during the last evaluation or the sample: resume finds training done
+            save("last.pt", epoch + 1, 0)
+            raise ckpt.stopping(signals, saved=True)
     logger.log_metrics({"objective": metrics[cfg.objective]}, step)  # one name, whatever the objective
     return metrics
 
@@ -225,20 +228,25 @@ def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, 
     losses: list[float] = []
     smooth, best = 0.0, math.inf
     model.train()
-    for step, (x, y) in enumerate(_endless(model, data.train), start=1):
-        lr = fc.start_lr * (fc.end_lr / fc.start_lr) ** ((step - 1) / (fc.num_steps - 1))
-        set_lr(optimizer, lr / last_base)
-        loss = train_step(model, optimizer, x, y, tc, prec).item()  # a diagnostic: syncing is fine
-        smooth = BETA * smooth + (1 - BETA) * loss
-        debiased = smooth / (1 - BETA**step)
-        lrs.append(lr)
-        losses.append(debiased)
-        logger.log_metrics({"lr_find_loss": debiased, "lr_find_lr": lr}, step)
-        best = min(best, debiased)
-        if not math.isfinite(debiased) or debiased > fc.stop_factor * best or step >= fc.num_steps:
-            break
-    suggestion = lrs[losses.index(min(losses))] / 10
-    logger.log_artifact(_plot_lr_find(lrs, losses, suggestion, out_dir / "lr_find.png"))
+    with ckpt.stop_requests() as signals:
+        for step, (x, y) in enumerate(_endless(model, data.train), start=1):
+            if signals:  # nothing to resume: the finder is a short diagnostic
+                raise ckpt.stopping(signals, saved=False)
+            lr = fc.start_lr * (fc.end_lr / fc.start_lr) ** ((step - 1) / (fc.num_steps - 1))
+            set_lr(optimizer, lr / last_base)
+            loss = train_step(model, optimizer, x, y, tc, prec).item()  # a diagnostic: syncing is fine
+            smooth = BETA * smooth + (1 - BETA) * loss
+            debiased = smooth / (1 - BETA**step)
+            lrs.append(lr)
+            losses.append(debiased)
+            logger.log_metrics({"lr_find_loss": debiased, "lr_find_lr": lr}, step)
+            best = min(best, debiased)
+            if not math.isfinite(debiased) or debiased > fc.stop_factor * best or step >= fc.num_steps:
+                break
+        suggestion = lrs[losses.index(min(losses))] / 10
+        logger.log_artifact(_plot_lr_find(lrs, losses, suggestion, out_dir / "lr_find.png"))
+        if signals:
+            raise ckpt.stopping(signals, saved=False)
     log.info("lr finder: %d steps, lowest loss %.4f at lr %.2e; suggested lr %.2e", step, min(losses),
              suggestion * 10, suggestion)
     return suggestion

@@ -8,10 +8,13 @@ The runner only sees `Logger`: `start`, `log_metrics(step)`, `log_artifact`, `lo
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +22,9 @@ from lesson7_sweeps.errors import UserError
 
 log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+HEARTBEAT_TAG = "heartbeat"  # unix time of the run's last sign of life, while it trains
+SQLITE_HEADER = b"SQLite format 3\0"
 
 
 class Logger(Protocol):
@@ -27,13 +33,13 @@ class Logger(Protocol):
     def check(self) -> None: ...
     def prepare(self) -> object: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
-    def resume(self, run_id: str, dest: Path) -> Path | None: ...
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_model(self, model: Any) -> None: ...
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None: ...
-    def close(self, status: str, reason: str | None = None) -> None: ...
+    def close(self, status: str, reason: str | None = None) -> bool: ...
 
 
 class NullLogger:
@@ -50,7 +56,7 @@ class NullLogger:
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         pass
 
-    def resume(self, run_id: str, dest: Path) -> Path | None:
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T:
         raise UserError(f"resume={run_id} needs a tracking store to find the run in; drop tracking=none")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -68,7 +74,8 @@ class NullLogger:
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
         pass
 
-    def close(self, status: str, reason: str | None = None) -> None:
+    def close(self, status: str, reason: str | None = None) -> bool:
+        return True
         pass
 
 
@@ -87,10 +94,13 @@ class MlflowLogger:
 
     PROBE_TIMEOUT_S = 5  # one try, no retries: MLflow's own server-version probe does the same
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None,
-                 log_model: bool = False, system_metrics: bool = False) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None, *,
+                 heartbeat_s: float, stale_after_s: float, log_model: bool = False,
+                 system_metrics: bool = False) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
-        self.run_name, self.log_model_enabled, self.system_metrics = run_name, log_model, system_metrics
+        self.run_name, self.heartbeat_s, self.stale_after_s = run_name, heartbeat_s, stale_after_s
+        self.log_model_enabled, self.system_metrics = log_model, system_metrics
+        self._beat = 0.0  # when the heartbeat tag was last sent
         self.run_id: str | None = None
         self._monitor: Any = None  # MLflow's SystemMetricsMonitor, when tracking.system_metrics
         # resumed run: the steps each metric already has. A set, not the highest step: MLflow's async
@@ -104,10 +114,13 @@ class MlflowLogger:
         from mlflow import MlflowClient
 
         self.check()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
+        try:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(self.experiment)
+        except Exception as e:  # OSError, sqlalchemy's and MLflow's errors: a store that cannot be opened
+            raise self._store_error(e) from None
         if exp is not None:
             return exp.experiment_id
         # artifact_location only makes sense for a local store (default: beside its sqlite file); a
@@ -126,12 +139,19 @@ class MlflowLogger:
 
     def check(self) -> None:
         """A server must answer one GET of its /health (with the user's MLflow credentials and TLS
-        settings); a local store needs no check. Creates nothing."""
+        settings); an sqlite store must be an SQLite file or creatable in a writable folder; any
+        store that exists must open, and its experiment of our name must not be deleted. Creates
+        nothing."""
+        if self.uri.startswith(("http://", "https://")):
+            self._probe_server()
+        elif self.uri.startswith("sqlite:") and not self._check_sqlite():
+            return  # a new store: nothing to open yet
+        self._check_experiment()
+
+    def _probe_server(self) -> None:
         from mlflow.utils.credentials import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
-        if not self.uri.startswith(("http://", "https://")):
-            return
         try:
             http_request(get_default_host_creds(self.uri), "/health", "GET", max_retries=0,
                          timeout=self.PROBE_TIMEOUT_S)
@@ -146,6 +166,9 @@ class MlflowLogger:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         experiment_id = self.prepare()
+        _quiet_store_errors()
+        self._beat = time.time()
+        tags = {**tags, HEARTBEAT_TAG: str(int(self._beat))}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
@@ -169,10 +192,11 @@ class MlflowLogger:
         self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
         self._monitor.start()
 
-    def resume(self, run_id: str, dest: Path) -> Path | None:
-        """Continue run `run_id`: mark it RUNNING again and download its latest checkpoint into
-        `dest` (None if it died before its first one). A resumed run replays the steps after that
-        checkpoint; values it had already logged for those steps are not logged twice."""
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T:
+        """Continue run `run_id`: download `checkpoints/<checkpoint>` into `dest` (None if the run died
+        before its first one), hand it to `load` (which raises if it is unusable), and only then
+        mark the run RUNNING again; returns what `load` returned. A resumed run replays the steps
+        after that checkpoint; values it had already logged for those steps are not logged twice."""
         from mlflow.exceptions import MlflowException
 
         self.prepare()
@@ -180,21 +204,32 @@ class MlflowLogger:
             run = self.client.get_run(run_id)
         except MlflowException:
             raise UserError(f"resume={run_id}: no such run in {self.uri}; check the run id and tracking.uri") from None
-        self.run_id = run_id
-        self._logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in run.data.metrics}
+        logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in run.data.metrics}
         names = {a.path for a in self.client.list_artifacts(run_id, "checkpoints")}
         path = None
-        if "checkpoints/last.pt" in names:
-            path = Path(self.client.download_artifacts(run_id, "checkpoints/last.pt", str(dest)))
+        if f"checkpoints/{checkpoint}" in names:
+            with quiet_downloads():
+                path = Path(self.client.download_artifacts(run_id, f"checkpoints/{checkpoint}", str(dest)))
+        state = load(path)  # a damaged checkpoint stops here, with the run as it was
+        _quiet_store_errors()
+        self._beat = time.time()
+        self.client.set_tag(run_id, HEARTBEAT_TAG, str(int(self._beat)))
         self.client.update_run(run_id, status="RUNNING")
-        log.info("resuming MLflow run %s from %s", run_id, "its last checkpoint" if path else "the start")
-        return path
+        self.run_id, self._logged = run_id, logged
+        log.info("resuming MLflow run %s from %s", run_id, f"checkpoints/{checkpoint}" if path else "the start")
+        return state
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step not in self._logged.get(k, ())]
+        self._check_written()
+        now = time.time()
+        if now - self._beat >= self.heartbeat_s:  # async, like the metrics: costs the loop nothing
+            self._beat = now
+            self._pending.append((self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(now)), synchronous=False),
+                                  []))
+        batch = [Metric(k, float(v), int(now * 1000), step) for k, v in metrics.items()
+                 if step not in self._logged.get(k, ())]
         if not batch:
             return
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
@@ -266,16 +301,16 @@ class MlflowLogger:
             ids = [] if exp is None else [exp.experiment_id]
         return list(client.search_runs(ids, filter_string, order_by=order_by, max_results=max_results)) if ids else []
 
-    def close(self, status: str, reason: str | None = None) -> None:
+    def close(self, status: str, reason: str | None = None) -> bool:
         """Wait for every metric, then end the run: FINISHED, FAILED (with the reason as a tag) or
-        KILLED. If the server stayed away past MLflow's retry window, say what was lost; that is a
-        UserError for a run that otherwise FINISHED, only an error log line for one that failed
-        (so it does not hide the error that ended it)."""
-        from mlflow.exceptions import MlflowException
+        KILLED; whether it ended so. If the store stayed away past MLflow's retry window, say what
+        was lost and how to end the run later; that is a UserError for a run that otherwise
+        FINISHED, only an error log line for one that failed (so it does not hide the error that
+        ended it)."""
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
         if self.run_id is None:
-            return
+            return True
         if self._monitor is not None:
             self._monitor.finish()  # its last sample, before the run ends
             self._monitor = None
@@ -283,7 +318,7 @@ class MlflowLogger:
         for op, batch in self._pending:
             try:
                 op.wait()
-            except MlflowException:
+            except Exception:  # MLflow's, or the store's own error (a full disk under sqlite)
                 dropped += batch
         self._pending.clear()
         # MLflow's async queue drops a batch whose HTTP retries ran out (it only logs an error), so
@@ -292,7 +327,7 @@ class MlflowLogger:
         for i in range(0, len(dropped), MAX_METRICS_PER_BATCH):
             try:
                 self.client.log_batch(self.run_id, metrics=dropped[i : i + MAX_METRICS_PER_BATCH])
-            except MlflowException as e:
+            except Exception as e:
                 lost, error = len(dropped) - i, e
                 break
         if dropped and not lost:
@@ -303,21 +338,117 @@ class MlflowLogger:
                     self.client.set_tag(self.run_id, "failure_reason", reason)
                 self.client.set_terminated(self.run_id, status=status)  # retried by MLflow like the rest
                 log.info("MLflow run %s ended %s", self.run_id, status)
-            except MlflowException as e:
+            except Exception as e:
                 error = e
-        if error is not None:
-            msg = (f"MLflow at {self.uri} failed ({_root_cause(error)}): run {self.run_id} is left RUNNING "
-                   f"instead of {status} and {lost} of its metric values were not written")
-            if status != "FINISHED":
-                log.error(msg)
-                return
-            raise UserError(msg)
+        if error is None:
+            return True
+        msg = (f"MLflow at {self.uri} failed ({_root_cause(error)}): run {self.run_id} is left RUNNING "
+               f"instead of {status} and {lost} of its metric values were not written; once the store "
+               f"works again, end it with: lesson7-train --mark-failed {self.run_id} --tracking-uri {self.uri}")
+        if status != "FINISHED":
+            log.error(msg)
+            return False
+        raise UserError(msg)
+
+    # --- store checks, liveness and repair ------------------------------------------------------
+
+    def _store_error(self, e: BaseException) -> UserError:
+        return UserError(f"tracking.uri={self.uri}: the MLflow store cannot be used ({_root_cause(e)}); point "
+                         f"tracking.uri at a writable sqlite:///ABS/PATH/mlflow.db or a running server")
+
+    def _check_sqlite(self) -> bool:
+        """An sqlite URI names an SQLite file, or a new file in a writable folder; whether it exists."""
+        path = Path(self.uri.removeprefix("sqlite:///")).expanduser()
+        if not self.uri.startswith("sqlite:///") or str(path) in ("", ".", ":memory:"):
+            raise UserError(f"tracking.uri={self.uri}: give a file, e.g. sqlite:///ABS/PATH/mlflow.db")
+        if path.exists():
+            header = b"" if path.is_dir() else path.open("rb").read(len(SQLITE_HEADER))
+            if path.is_dir() or header not in (SQLITE_HEADER, b""):
+                raise UserError(f"tracking.uri={self.uri}: {path} is not an SQLite database; point tracking.uri "
+                                f"at an MLflow store or at a new file")
+            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+                raise UserError(f"tracking.uri={self.uri}: {path} is not writable; fix its permissions or use "
+                                f"another store")
+            return header == SQLITE_HEADER
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserError(f"tracking.uri={self.uri}: {folder} is a file, so no store can be created under it")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"tracking.uri={self.uri}: {folder} is not writable, so the store cannot be created "
+                            f"there; use a writable folder")
+        return False
+
+    def _check_experiment(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+        try:
+            exp = MlflowClient(self.uri).get_experiment_by_name(self.experiment) if self.experiment else None
+        except UnsupportedModelRegistryStoreURIException:
+            raise UserError(f"tracking.uri={self.uri}: MLflow has no store for this scheme; use "
+                            f"sqlite:///ABS/PATH/mlflow.db, http(s)://HOST:PORT or a database URI") from None
+        except Exception as e:
+            raise self._store_error(e) from None
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            raise UserError(f"tracking.experiment={self.experiment} was deleted in {self.uri}: restore it (mlflow "
+                            f"experiments restore --experiment-id {exp.experiment_id}) or choose another name")
+
+    def _check_written(self) -> None:
+        """A local store that refused a write (full disk, read-only file) refuses the next ones too:
+        stop the run at once, in one line, instead of training on while every batch fails. (A server
+        that went away may come back: `close` sends its dropped batches again.)"""
+        if self.uri.startswith(("http://", "https://")):
+            return
+        while self._pending and all(f.done() for f in self._pending[0][0]._operation_futures):
+            failed = [f.exception() for f in self._pending[0][0]._operation_futures if f.exception()]
+            if failed:  # left pending: close() counts its metrics as lost
+                raise UserError(f"the MLflow store {self.uri} cannot be written ({_root_cause(failed[0])}); free "
+                                f"space or fix its permissions, then continue the run: lesson7-train "
+                                f"resume={self.run_id} force_resume=true")
+            self._pending.pop(0)
+
+    def mark_failed(self, run_id: str, force: bool) -> None:
+        """End a run left RUNNING (its process died while the store was unreachable) as FAILED.
+        Refuses a run that is not RUNNING, and a live one unless `force`."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        self.check()
+        client = MlflowClient(self.uri)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise UserError(f"no run {run_id!r} in {self.uri}; check the run id and --tracking-uri") from None
+        if run.info.status != "RUNNING":
+            raise UserError(f"run {run_id} is {run.info.status}, not RUNNING: nothing to repair")
+        age = heartbeat_age(run)
+        if age is not None and age < self.stale_after_s and not force:
+            raise UserError(f"run {run_id} is still training (its heartbeat is {age:.0f} s old); stop it first, "
+                            f"or add --force")
+        client.set_tag(run_id, "failure_reason", "left RUNNING; marked FAILED by lesson7-train --mark-failed")
+        client.set_terminated(run_id, status="FAILED")
+
+
+
+def _quiet_store_errors() -> None:
+    """MLflow logs every failed write with a traceback (one per metric batch: hundreds on a full
+    disk); the logger reports a store failure itself, in one line, so those records are dropped."""
+    for name in ("mlflow.store.db.utils", "mlflow.utils.async_logging.async_logging_queue"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def heartbeat_age(run: Any) -> float | None:
+    """Seconds since a RUNNING run's last heartbeat (None: not RUNNING, or from before heartbeats)."""
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    return None if run.info.status != "RUNNING" or beat is None else time.time() - float(beat)
 
 
 def _root_cause(e: BaseException) -> str:
     """The innermost exception's first line: '[Errno 111] Connection refused', 'timed out', ..."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
+    while (e.__cause__ or e.__context__) is not None and not isinstance(e.__cause__ or e.__context__, UserError):
+        e = e.__cause__ or e.__context__  # (not into the error a failure happened while handling)
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
@@ -360,3 +491,18 @@ def git_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar on stderr while downloading artifacts (one bar per file, even tiny ones)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before

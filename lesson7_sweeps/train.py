@@ -28,19 +28,18 @@ from omegaconf import DictConfig, OmegaConf
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
-from lesson7_sweeps.config import register_schemas, validate
-from lesson7_sweeps.errors import ConfigError, DataError, UserError
+from lesson7_sweeps.config import CONF_DIR, register_schemas, validate
+from lesson7_sweeps.errors import CheckpointError, ConfigError, DataError, UserError
+from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.sweeps import parent as sweep
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PROG = "lesson7-train"
 
 register_schemas()
-OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)), replace=True)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -120,11 +119,12 @@ def train(cfg: DictConfig) -> float:
 
 
 def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
-              resume: str | None = None) -> Outcome:
+              resume: str | None = None, checkpoint: str = "last.pt") -> Outcome:
     """Build everything from `cfg`, fit, and return the objective and the MLflow run.
 
     `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns);
-    `resume` is the id of a run to continue from its last checkpoint (in the same MLflow run).
+    `resume` is the id of a run to continue (in the same MLflow run) from its `checkpoint`; it is
+    loaded and checked before the run is marked RUNNING again.
     Raises UserError (before any MLflow run exists) for bad config or data, and
     runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
     validate(cfg)
@@ -137,66 +137,85 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     if expect_data is not None and data.fingerprint != expect_data:
         raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
+    check_fits(lambda: build(cfg.model, **data.model_args()), device)
     model = build(cfg.model, **data.model_args()).to(device)
     if cfg.trainer.compile:
         model.compile()  # in place: the module (and its reset()/hidden state) stays the same object
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
 
+    def load(path: Path | None) -> dict | None:  # before the run is marked RUNNING again
+        if path is None and checkpoint == "final.pt":
+            raise CheckpointError(f"resume={resume}: the run kept no final checkpoint (trainer.checkpoints=false), "
+                                  f"so it cannot be extended")
+        state = ckpt.load_verified(path, device) if path is not None else None
+        try:
+            if state is not None:
+                model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoints/{path.name} does not fit this model "
+                                  f"({str(e).splitlines()[0]})") from None
+        return state
+
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     lr_finding = "lr_find" in cfg and cfg.lr_find  # appended by +lr_find=true, so it has no default
     run_type = "lr_find" if lr_finding else "rerun" if tags and "rerun_of" in tags else "train"
-    with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp:
+    # From here to the end of the run, SIGINT/SIGTERM only ask training to stop, and none can
+    # interrupt ending the run: every way out leaves it FINISHED, FAILED or KILLED (checkpoint.py).
+    with tempfile.TemporaryDirectory(prefix="lesson7-") as tmp, ckpt.stop_requests():
         start = None
-        if resume is not None:
-            path = logger.resume(resume, Path(tmp))
-            start = ckpt.load(path, device) if path is not None else None
-        else:
-            params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
-                      "dataset.fingerprint": data.fingerprint,
-                      "model.n_params": sum(p.numel() for p in model.parameters())}
-            trial_name, trial_tags = sweep.trial_identity(cfg, logger)
-            name = OmegaConf.select(cfg, "tracking.run_name") or trial_name or default_run_name(cfg)
-            name = {"lr_find": f"lr-find {name}", "rerun": f"rerun {name}"}.get(run_type, name)
-            logger.start(name, params, {**run_tags(device), "run_type": run_type, "torch_threads": str(threads),
-                                        **trial_tags, **(tags or {})})
-        # checkpoints are stored once: in the MLflow run when there is one, else in Hydra's run folder
-        out_dir = Path(tmp) if logger.run_id is not None or hydra_dir is None else hydra_dir
         try:
-            if resume is None:
+            if resume is not None:
+                start = logger.resume(resume, Path(tmp), checkpoint, load)
+                if tags:  # the overrides a resume applied: the run's config.yaml says what it trains now
+                    logger.set_tags(tags)
+                    logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            else:
+                params = {**flatten(cfg), **{f"dataset.{k}": v for k, v in data.describe().items()},
+                          "dataset.fingerprint": data.fingerprint,
+                          "model.n_params": sum(p.numel() for p in model.parameters())}
+                warnings = {"data_warning": " / ".join(data.warnings)} if data.warnings else {}
+                trial_name, trial_tags = sweep.trial_identity(cfg, logger)
+                name = OmegaConf.select(cfg, "tracking.run_name") or trial_name or default_run_name(cfg)
+                name = {"lr_find": f"lr-find {name}", "rerun": f"rerun {name}"}.get(run_type, name)
+                logger.start(name, params, {**run_tags(device), "run_type": run_type, "torch_threads": str(threads),
+                                            **warnings, **trial_tags, **(tags or {})})
                 logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
                 if hydra_dir is not None:
                     logger.log_artifact(hydra_dir / ".hydra", ".hydra")
                 if data.kind == "text":
                     logger.log_text(data.vocab.to_json(), "vocab.json")
+            # checkpoints are stored once: in the MLflow run when there is one, else in Hydra's run folder
+            out_dir = Path(tmp) if logger.run_id is not None or hydra_dir is None else hydra_dir
             if lr_finding:
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
                 result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
                 logger.log_model(model)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
-            logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
+            with ckpt.shielded():
+                marked = logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
+            if isinstance(e, Interrupted):
+                e.marked = marked and logger.run_id is not None
             raise
         except BaseException as e:
-            logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with ckpt.shielded():
+                logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
-        logger.close("FINISHED")
+        with ckpt.shielded():
+            logger.close("FINISHED")
     return Outcome(result, logger.run_id)
 
 
 def resume_run(cfg: DictConfig) -> float:
-    """`lesson7-train resume=RUN_ID`: continue that run in the store at tracking.uri, with the run's
-    own config (rebuilt from its artifacts, `_target_`s allow-listed), from its last checkpoint."""
-    from lesson7_sweeps.rerun import read_run, rebuild_config  # rerun imports this module
+    """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
+    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint."""
+    from lesson7_sweeps.resume import plan  # MLflow's import: only when resuming
 
-    if "uri" not in cfg.tracking:
-        raise ConfigError(f"resume={cfg.resume} needs the MLflow store the run is in; drop tracking=none")
-    _, run, stored = read_run(cfg.tracking.uri, cfg.resume)
-    run_cfg, notes = rebuild_config(stored, run.data.tags)
-    for note in notes:
-        log.warning(note)
-    run_cfg.tracking.uri = cfg.tracking.uri
-    return train_run(run_cfg, resume=cfg.resume).objective
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    run_cfg, checkpoint, changed = plan(cfg, overrides)
+    tags = {"resume_overrides": " ".join(changed)} if changed else None
+    return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -210,13 +229,24 @@ def main(cfg: DictConfig) -> float:
             return float("inf")
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except Exception as e:  # a bug or the device (CUDA OOM): this trial failed (its run FAILED), not the sweep
+        if not sweep.is_multirun():
+            raise
+        log.error("trial failed, objective +inf: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0])
+        return float("inf")
 
 
 def cli() -> None:
     """Console entry: check every composed config before Hydra starts any job. A sweep that stops
     early (Ctrl-C, SIGTERM, an error) ends its parent run KILLED or FAILED here."""
     from lesson7_sweeps.preflight import preflight
+    from lesson7_sweeps.usage import mark_failed_cli, usage
 
+    if sys.argv[1:2] == ["--mark-failed"]:
+        sys.exit(mark_failed_cli(sys.argv[2:]))
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(usage())
+        return
     try:
         preflight(sys.argv[1:], CONF_DIR, "train")
         main()
@@ -225,13 +255,15 @@ def cli() -> None:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        name, code = ckpt.interrupt_signal(e) if not isinstance(e, sweep.SweepStopped) else ("SIGTERM", 143)
+        name, code = ckpt.interrupt_signal(e)
         swept = sweep.current()
         sweep.finish("KILLED", f"interrupted ({name})")
-        what = f"the sweep {swept.sweep_id} and its unfinished trials were" if swept else "the run was"
+        marked = isinstance(e, Interrupted) and e.marked
+        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED" if swept
+                else "; the run was marked KILLED" if marked else "")
         whose = "the running trial's" if swept else "its"
-        saved = f"; {whose} checkpoint was saved" if isinstance(e, Interrupted) else ""
-        print(f"{PROG}: interrupted by {name}; {what} marked KILLED{saved}", file=sys.stderr)
+        saved = f"; {whose} checkpoint was saved" if isinstance(e, Interrupted) and e.saved else ""
+        print(f"{PROG}: interrupted by {name}{what}{saved}", file=sys.stderr)
         sys.exit(code)
     except BaseException as e:  # Hydra's own error exit (SystemExit), or a bug: never leave a sweep RUNNING
         if not (isinstance(e, SystemExit) and e.code in (0, None)):

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -24,6 +25,15 @@ def make_text(n_chars: int, seed: int = 0) -> str:
     while sum(map(len, out)) < n_chars:
         out.append(rng.choice(SENTENCES) + (" " if rng.random() < 0.8 else "\n"))
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; two threads on a busy 2-core machine can be 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -185,16 +185,51 @@ def test_changed_image_is_decoded_again(tmp_path):
     assert (second.train_x[0] == 7).all() and not (first.train_x[0] == 7).all()
 
 
-def test_touched_tar_is_decoded_again(tmp_path, monkeypatch):
+def test_building_the_cache_is_said_once_with_where(tmp_path, caplog):
+    write_layout(tmp_path / "cifar")
+    with caplog.at_level("INFO", logger="lesson7_sweeps.data.cifar"):
+        first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    said = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert said == [f"decoding CIFAR-10 from {tmp_path / 'cifar'} into the cache {first.cache_path} (once; later "
+                    f"runs load it in about a second)"]
+
+
+def test_touched_tar_keeps_its_cache(tmp_path, monkeypatch):
     write_layout(tmp_path / "cifar")
     tar = write_tar(tmp_path / "cifar.tar.gz", tmp_path / "cifar", arcname="cifar10")
     first = load_cifar(tar, cache_dir=tmp_path / "cache")
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
-    calls = []
-    decode = cifar._decode_images
-    monkeypatch.setattr(cifar, "_decode_images", lambda items: calls.append(len(items)) or decode(items))
-    second = load_cifar(tar, cache_dir=tmp_path / "cache")
-    assert calls == [12, 6] and second.fingerprint != first.fingerprint
+    forbid_decoding(monkeypatch)
+    assert load_cifar(tar, cache_dir=tmp_path / "cache").fingerprint == first.fingerprint
+
+
+def replace_keeping_size_and_mtime(path: Path, image: np.ndarray) -> None:
+    """What `cp -p` / `rsync -a` / a re-extracted archive can do: new pixels, same size and mtime
+    (uncompressed PNGs of one shape all have the same size)."""
+    st = path.stat()
+    Image.fromarray(image).save(path, compress_level=0)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_content_changed_with_size_and_mtime_kept_is_decoded_again(tmp_path, packed: bool):
+    """The cache (and a rerun's data check) follow the bytes, not size and mtime."""
+    write_layout(tmp_path / "cifar")
+    image = tmp_path / "cifar" / "train" / "cat" / "0000.png"
+    Image.open(image).save(image, compress_level=0)
+    source = write_tar(tmp_path / "cifar.tar", tmp_path / "cifar", "cifar10") if packed else tmp_path / "cifar"
+    first = load_cifar(source, cache_dir=tmp_path / "cache")
+    replace_keeping_size_and_mtime(image, np.full((32, 32, 3), 7, np.uint8))
+    if packed:  # the same members, same sizes and mtimes: a tar of the same size, given the old mtime
+        st = source.stat()
+        write_tar(source, tmp_path / "cifar", "cifar10")
+        assert source.stat().st_size == st.st_size
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = load_cifar(source, cache_dir=tmp_path / "cache")
+    assert second.fingerprint != first.fingerprint
+    assert (second.train_x[0] == 7).all() and not (first.train_x[0] == 7).all()
 
 
 def test_default_cache_beside_source_else_user_cache(tmp_path, monkeypatch):

@@ -108,7 +108,7 @@ def test_parallel_trials_on_one_sqlite_store_lose_nothing(tmp_path: Path, text_f
     from lesson7_sweeps.tracking import MlflowLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowLogger(uri, "test", str(tmp_path / "artifacts"), None).prepare()
+    MlflowLogger(uri, "test", str(tmp_path / "artifacts"), None, heartbeat_s=30, stale_after_s=300).prepare()
     procs = [subprocess.Popen([sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file),
                                "trainer.log_every=1", f"seed={seed}", f"tracking.run_name=trial{seed}",
                                f"hydra.run.dir={tmp_path}/trial{seed}"],

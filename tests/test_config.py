@@ -12,7 +12,7 @@ from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.preflight import preflight, variants
 from lesson7_sweeps.train import CONF_DIR
 
-PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml") if not p.stem.endswith("_base"))
 
 
 def composed(*overrides: str):

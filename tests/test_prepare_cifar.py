@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lesson7_sweeps.data.cifar import load_cifar
@@ -71,6 +72,18 @@ def test_bad_file_name_is_a_one_line_error_and_touches_nothing(tmp_path, capsys)
         f"lesson7-prepare-cifar: error: {tmp_path / 'train' / 'frog.png'} is not named <id>_<class>.png"
     )
     assert len(list((tmp_path / "train").glob("*.png"))) == 5 and not (tmp_path / "sorted").exists()
+
+
+@pytest.mark.parametrize("name", ["1_...jpg", "1_..png", "2_.hidden.png"])
+def test_a_class_name_that_is_no_plain_folder_name_is_refused(tmp_path, capsys, name: str):
+    """`1_...jpg` has the class `..`: it was copied to DEST/../1_...jpg, outside DEST."""
+    write_flat(tmp_path / "src" / "train")
+    Image.fromarray(blocky_images(1, seed=1)[0]).save(tmp_path / "src" / "train" / name, format="PNG")
+    dest = tmp_path / "src" / "sorted"
+    assert main(["flat", str(tmp_path / "src" / "train"), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with a plain class name" in err
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["train"]  # nothing written anywhere
 
 
 def test_torchvision_without_batches_is_a_one_line_error(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lesson7_sweeps.data.text import UNK, BpttLoader, TextData, Vocab, batchify, read_splits
+from lesson7_sweeps.data.text import UNK, BpttLoader, TextData, Vocab, batchify, cached_copy, read_splits
 from lesson7_sweeps.errors import DataError
 
 from .conftest import make_text
@@ -119,9 +119,10 @@ def test_missing_file_offline_download_fails_in_one_line(tmp_path: Path):
 def test_cached_download_is_used_when_path_is_missing(tmp_path: Path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "corpus.txt").write_text(make_text(2000), encoding="utf-8")  # as a past download left it
-    data = text_data(tmp_path / "nope.txt", url="http://127.0.0.1:9/corpus.txt")
-    assert data.path == cache / "corpus.txt"
+    url = "http://127.0.0.1:9/corpus.txt"
+    cached_copy(url, cache).write_text(make_text(2000), encoding="utf-8")  # as a past download left it
+    data = text_data(tmp_path / "nope.txt", url=url)
+    assert data.path == cached_copy(url, cache) and data.path.parent == cache and data.path.suffix == ".txt"
 
 
 @pytest.mark.parametrize(("content", "fragment"), [(b"", "is empty"), (b"caf\xe9 " * 200, "not UTF-8")])

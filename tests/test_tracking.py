@@ -14,12 +14,12 @@ def test_a_resumed_run_fills_the_gaps_a_killed_run_left_and_logs_nothing_twice(t
     """MLflow writes async batches from a thread pool, so a run killed mid-write can hold a later step
     and miss an earlier one. Resuming replays both; only the missing value is written."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    first = MlflowLogger(uri, "exp", None, "killed")
+    first = MlflowLogger(uri, "exp", None, "killed", heartbeat_s=30, stale_after_s=300)
     first.start("killed", params={}, tags={})
     first.client.log_batch(first.run_id, metrics=[Metric("train_loss", 2.0, 0, 10)])  # step 5 never landed
 
-    resumed = MlflowLogger(uri, "exp", None, None)
-    assert resumed.resume(first.run_id, tmp_path) is None  # no checkpoint: it starts over
+    resumed = MlflowLogger(uri, "exp", None, None, heartbeat_s=30, stale_after_s=300)
+    assert resumed.resume(first.run_id, tmp_path, "last.pt", lambda path: path) is None  # no checkpoint: it starts over
     for step, value in ((5, 3.0), (10, 2.0), (15, 1.0)):
         resumed.log_metrics({"train_loss": value}, step)
     resumed.close("FINISHED")

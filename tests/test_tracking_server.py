@@ -144,7 +144,7 @@ def test_a_server_restart_mid_run_loses_no_metric(make_cfg, server: Server, monk
 def test_close_resends_the_metrics_mlflow_gave_up_on(server: Server, monkeypatch, caplog):
     # No HTTP retries at all: MLflow's async queue drops every batch that meets the dead server.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    logger = MlflowLogger(server.uri, "resend", None, None)
+    logger = MlflowLogger(server.uri, "resend", None, None, heartbeat_s=30, stale_after_s=300)
     logger.start("resend", {"a": 1}, {})
     server.kill()
     for step in range(1, 6):

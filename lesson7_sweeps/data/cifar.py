@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import stat
@@ -32,6 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from lesson7_sweeps.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 # The lesson's stats tuple for lossless CIFAR-10 (pixel/255, train split).
 LESSON_MEAN = (0.4914, 0.48216, 0.44653)
@@ -61,7 +64,7 @@ class CifarArrays:
     classes: list[str]
     source: Path
     source_format: str  # "torchvision" | "folder" | "tar"
-    fingerprint: str  # of the source files (size + mtime), so a run can log which data it saw
+    fingerprint: str  # sha256 of the source's bytes, so a run can log which data it saw
     cache_path: Path
 
 
@@ -82,6 +85,8 @@ def load_cifar(root: str | Path, cache_dir: str | Path | None = None, download: 
     cache_path = _cache_path(source, cache_dir)
     cached = _read_cache(cache_path, fingerprint)
     if cached is None:
+        log.info("decoding CIFAR-10 from %s into the cache %s (once; later runs load it in about a second)",
+                 source, cache_path)
         decoded = _DECODERS[source_format](source)
         _write_cache(cache_path, decoded, fingerprint)
     else:
@@ -125,18 +130,19 @@ def _download(root: Path) -> Path:
 
 
 def source_fingerprint(source: Path) -> str:
-    """A cheap identity of the source: size and mtime of the file, or of every file in the folder."""
-    if source.is_file():
-        st = source.stat()
-        entries = [(st.st_size, st.st_mtime_ns)]
-    else:
-        entries = sorted(
-            (os.path.relpath(os.path.join(folder, name), source), st.st_size, st.st_mtime_ns)
-            for folder, _, names in os.walk(source)
-            for name in names
-            for st in [os.stat(os.path.join(folder, name))]
-        )
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+    """sha256 of the source's content: the archive's bytes, or every file's relative path and bytes.
+
+    Content, not size and mtime: `cp -p`, `rsync -a` or a re-extracted archive keep both while the
+    pixels change. Hashing runs at disk speed (BENCHMARKS.md: the 130 MB archive in ~0.3 s)."""
+    h = hashlib.sha256()
+    files = [source] if source.is_file() else sorted(
+        Path(folder, name) for folder, _, names in os.walk(source) for name in names)
+    for f in files:
+        if f != source:
+            h.update(f"{f.relative_to(source).as_posix()}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest() if f == source else fh.read())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +225,21 @@ def torchvision_dir(root: Path) -> Path | None:
     return None
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays, and nothing else: a pickle is a program, and
+    data.root may name a folder anyone could write (or a stored config could choose)."""
+
+    ALLOWED = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                         ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which CIFAR-10 batches never contain")
+        return super().find_class(module, name)
+
+
 def read_torchvision_batches(folder: Path) -> Decoded:
-    """Read torchvision's pickled batches with numpy (no torchvision needed)."""
+    """Read torchvision's pickled batches with numpy (no torchvision needed), through `_ArrayUnpickler`."""
 
     def unpickle(name: str) -> dict:
         path = folder / name
@@ -228,9 +247,14 @@ def read_torchvision_batches(folder: Path) -> Decoded:
             raise DataError(f"{path} is missing; restore it or delete {folder} and set data.download=true")
         try:
             with path.open("rb") as f:
-                return pickle.load(f, encoding="bytes")
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DataError(f"{path} is not a CIFAR-10 pickle ({e}); delete {folder} and set data.download=true") from e
+                batch = _ArrayUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise DataError(f"{path} is not a CIFAR-10 pickle ({_first_line(e)}); delete {folder} and set "
+                            f"data.download=true") from None
+        if not isinstance(batch, dict):
+            raise DataError(f"{path} is not a CIFAR-10 pickle (a {type(batch).__name__}, not a dict); delete "
+                            f"{folder} and set data.download=true")
+        return batch
 
     def split(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         batches = [unpickle(n) for n in names]
@@ -243,6 +267,10 @@ def read_torchvision_batches(folder: Path) -> Decoded:
     train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = split(["test_batch"])
     return train_x, train_y, test_x, test_y, classes
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @dataclass
@@ -524,6 +552,7 @@ class CifarData:
         self.classes = arrays.classes
         self.num_classes = len(arrays.classes)
         self.fingerprint = arrays.fingerprint
+        self.warnings: list[str] = []  # nothing to warn about yet; text data has its <unk> share
         self.pad, self.crop, self.flip, self.tta, self.seed = pad, crop, flip, tta, seed
         self.device = torch.device(device)
         self._facts: dict[str, str | int] = {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,10 @@ import torch
 
 from lesson7_sweeps.errors import DataError
 
+log = logging.getLogger(__name__)
 UNK = "<unk>"
+MIN_TOKENS = 2  # real tokens (besides <unk>): fewer, and every prediction is trivially right
+UNK_WARN_FRAC = 0.05  # warn (and tag the run) when more of the text than this is <unk>
 TRAIN_DIRS = ("train", "trn")  # the lesson's layout used trn/ and val/
 VALID_DIRS = ("valid", "val")
 
@@ -151,6 +156,13 @@ def _read_folder(path: Path, names: tuple[str, ...]) -> str:
                     "use a text file or a folder with train/ and valid/")
 
 
+def cached_copy(url: str, cache_dir: str | Path) -> Path:
+    """Where the download of `url` is kept. The name is ours, not the URL's: a URL ending in e.g.
+    `x.pth` must not plant a file that Python runs (site-packages/*.pth) in the folder cache_dir names."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", url.rsplit("/", 1)[-1].removesuffix(".txt"))[:64] or "text"
+    return Path(cache_dir).expanduser() / f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}.txt"
+
+
 def resolve_path(path: str, url: str | None, cache_dir: str) -> Path:
     """The local text: `path` if it exists, else the copy of `url` in `cache_dir` (downloaded once)."""
     p = Path(path).expanduser()
@@ -158,7 +170,7 @@ def resolve_path(path: str, url: str | None, cache_dir: str) -> Path:
         return p
     if url is None:
         raise DataError(f"data.path={path} does not exist; pass data.path=/path/to/text.txt")
-    cached = Path(cache_dir).expanduser() / url.rsplit("/", 1)[-1]
+    cached = cached_copy(url, cache_dir)
     if not cached.exists():
         from torchvision.datasets.utils import download_url  # torchvision's downloader, as for CIFAR
 
@@ -217,6 +229,17 @@ class TextData:
                                 f"data.bs * (data.bptt + 1) = {need} are needed; lower data.bs or "
                                 "data.bptt, or use a longer text")
         self.vocab = Vocab.build(train_text, min_freq)
+        if len(self.vocab) - 1 < MIN_TOKENS:
+            raise DataError(f"data.min_freq={min_freq} leaves {len(self.vocab) - 1} characters of {self.path} in "
+                            f"the vocabulary (the rest become {UNK}), so every prediction would be trivially right; "
+                            f"lower data.min_freq")
+        self.warnings: list[str] = []  # tagged on the run by train.py
+        counts = Counter(train_text) + Counter(valid_text)
+        self.unk_frac = sum(n for ch, n in counts.items() if ch not in self.vocab.stoi) / counts.total()
+        if self.unk_frac > UNK_WARN_FRAC:
+            self.warnings.append(f"{self.unk_frac:.0%} of the text is {UNK} (data.min_freq={min_freq}); "
+                                 f"val_loss and val_accuracy then flatter the model: lower data.min_freq")
+            log.warning(self.warnings[-1])
         self.fingerprint = fingerprint(self.path)
         self.n_train, self.n_valid = len(train_text), len(valid_text)
         train_ids = batchify(self.vocab.encode(train_text), bs).to(device)
@@ -234,4 +257,4 @@ class TextData:
 
     def describe(self) -> dict[str, object]:
         return {"source": str(self.path), "train_chars": self.n_train, "valid_chars": self.n_valid,
-                "vocab_size": len(self.vocab)}
+                "vocab_size": len(self.vocab), "unk_frac": round(self.unk_frac, 6)}

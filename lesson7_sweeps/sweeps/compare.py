@@ -38,7 +38,7 @@ def parents(uri: str, run_id: str | None, experiment: str | None) -> tuple[Mlflo
     """The store's logger and the parent runs to show, newest first; UserError when there are none."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no MLflow store at {uri} (no such file); give --tracking-uri or set MLFLOW_TRACKING_URI")
-    logger = MlflowLogger(uri, experiment or "", artifact_location=None, run_name=None)
+    logger = MlflowLogger(uri, experiment or "", None, None, heartbeat_s=0, stale_after_s=0)  # it only reads
     newest = ["attributes.start_time DESC"]
     if run_id is not None:
         found = logger.search(f"attributes.run_id = '{run_id}'", all_experiments=True) if run_id.isalnum() else []

@@ -133,7 +133,9 @@ def start(cfg: DictConfig) -> Parent | None:
         return None
     hc = cfg.hydra
     spec, key = sweep_spec(hc), sweep_key(hc)
-    logger = MlflowLogger(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, run_name=None)
+    t = cfg.tracking
+    logger = MlflowLogger(t.uri, t.experiment, t.artifact_location, run_name=None, heartbeat_s=t.heartbeat_s,
+                          stale_after_s=t.stale_after_s)
     experiment_id = logger.prepare()  # the store and experiment exist before parallel jobs race to create them
     reused = find(logger, key) if is_study(hc) else None  # a new sweep folder is a new sweep
     if reused is not None:

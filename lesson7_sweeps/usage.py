@@ -1,0 +1,70 @@
+"""`lesson7-train --help` (our own page: groups and their options, presets, resume / rerun / lr-find,
+where runs go; Hydra's internals and the `*_schema` nodes stay hidden) and `lesson7-train
+--mark-failed RUN_ID` (end a run that was left RUNNING)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lesson7_sweeps.config import CONF_DIR
+from lesson7_sweeps.errors import UserError
+
+PROG = "lesson7-train"
+GROUPS = ("data", "model", "optim", "schedule", "trainer", "tracking", "experiment")
+
+
+def options(group: str) -> list[str]:
+    """A group's choices in conf/: presets meant to be picked (bases that others build on are not)."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml") if not p.stem.endswith("_base"))
+
+
+def usage() -> str:
+    groups = "\n".join(f"  {g:<11} {', '.join(options(g))}" for g in GROUPS)
+    return f"""usage: {PROG} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job]
+
+Train one of fast.ai lesson 6-7's models, logged to MLflow; -m runs a sweep (one run per combination).
+
+config groups (defaults in conf/train.yaml; `{PROG} --cfg job` prints the composed config):
+{groups}
+
+examples:
+  {PROG}                                       the lesson's 512x2 LSTM on Nietzsche
+  {PROG} experiment=lesson7_resnet2            replay a notebook (a preset from the experiment group)
+  {PROG} -m data.bptt=8,16 model.n_hidden=128,256   a sweep: one MLflow run per combination
+  {PROG} model=gru optim.lr=3e-3 trainer.device=cpu trainer.max_steps=200
+  lesson7-lr-find model=lstm                      the lr finder (= {PROG} +lr_find=true)
+
+runs, rerun and resume:
+  Every run goes to tracking.uri (default: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db with
+  artifacts in outputs/mlartifacts; Hydra's logs in outputs/runs/ and outputs/multirun/).
+  {PROG} resume=RUN_ID [trainer.epochs=N ...]    continue a stopped or crashed run from its last
+      checkpoint, in the same MLflow run (trainer.epochs, max_steps, device, log_every, progress may
+      change; raising trainer.epochs extends a FINISHED run; force_resume=true takes over a run whose
+      heartbeat is fresh but whose process is gone)
+  lesson7-rerun RUN_ID [KEY=VALUE ...]             train a run's exact config again and compare the metrics
+  {PROG} --mark-failed RUN_ID [--tracking-uri URI] end a run left RUNNING (its process died while the
+      store was unreachable) as FAILED
+
+Ctrl-C or SIGTERM saves a checkpoint and marks the run KILLED (exit 128+signal); bad input is one line
+and exit code 2. Hydra's own options: {PROG} --hydra-help"""
+
+
+def mark_failed_cli(argv: list[str]) -> int:
+    """`lesson7-train --mark-failed RUN_ID [--tracking-uri URI] [--force]`; the exit code."""
+    from lesson7_sweeps.stored import store_logger
+
+    p = argparse.ArgumentParser(prog=f"{PROG} --mark-failed", description="End a run left RUNNING as FAILED.")
+    p.add_argument("run_id")
+    p.add_argument("--tracking-uri", help="the run's store (default: MLFLOW_TRACKING_URI, else lesson7-train's)")
+    p.add_argument("--force", action="store_true", help="even if its heartbeat is fresh (its process is gone)")
+    args = p.parse_args(argv)
+    try:
+        logger = store_logger(args.tracking_uri)
+        logger.mark_failed(args.run_id, args.force)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: run {args.run_id} marked FAILED in {logger.uri}")
+    return 0
