@@ -217,14 +217,14 @@ class PhaseConfig:
     cycle_len: Any = None
     cycle_mult: Any = None
     warmup_frac: Any = None
-    warmup: Any = None  # phase = the lesson's (start of the phase only) | cycle = every cycle
+    warmup: str | None = None  # phase = the lesson's (start of the phase only) | cycle = every cycle
     # only for kind=onecycle
     pct_start: Any = None
     div: Any = None
     final_div: Any = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", *(n for names in PHASE_KINDS.values() for n in names)):
+        for name in ("epochs", *(n for names in PHASE_KINDS.values() for n in names if n != "warmup")):
             _number_or_none(f"schedule.phases.{name}", getattr(self, name))
         _check(self.kind in PHASE_KINDS, "schedule.phases.kind", self.kind, f"use one of {list(PHASE_KINDS)}")
         _check(self.epochs is None or self.epochs > 0, "schedule.phases.epochs", self.epochs,
