@@ -29,6 +29,7 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str, reason: str | None = None) -> None: ...
 
 
@@ -56,6 +57,9 @@ class NullLogger:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
     def close(self, status: str, reason: str | None = None) -> None:
@@ -176,6 +180,11 @@ class MlflowLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
     def close(self, status: str, reason: str | None = None) -> None:
         """Wait for every metric, then end the run: FINISHED, FAILED (with the reason as a tag) or
         KILLED. If the server stayed away past MLflow's retry window, say what was lost; that is a
@@ -219,6 +228,16 @@ class MlflowLogger:
                 log.error(msg)
                 return
             raise UserError(msg)
+
+
+def fail_orphan_run(uri: str, run_id: str, reason: str) -> None:
+    """Mark FAILED a run that its process left RUNNING when it died (a trial of a killed sweep)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, status="FAILED")
 
 
 def _root_cause(e: BaseException) -> str:

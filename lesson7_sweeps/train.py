@@ -33,6 +33,7 @@ from lesson7_sweeps.config import register_schemas, validate
 from lesson7_sweeps.errors import ConfigError, DataError, UserError
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
+from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,11 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
             if "lr_find" in cfg and cfg.lr_find:  # appended by +lr_find=true, so it has no default
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
-                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
+                report = reporter_for_job(logger.run_id)  # an Optuna trial: report evaluations, stop if pruned
+                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start,
+                                    report)[cfg.objective]
+                if report is not None and report.pruned:
+                    logger.set_tags({"trial_state": "PRUNED"})
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
             logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
             raise
