@@ -112,10 +112,13 @@ def metric(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_median_pruner_prunes_and_a_nan_trial_fails_without_stopping_the_sweep(tmp_path: Path):
-    # seed 1 makes the grid run lr 0.5 (learns), 1e20 (NaN), then 1e-4 (learns nothing: pruned at epoch 1)
+def test_median_pruner_prunes_a_trial_in_another_process_and_a_nan_trial_fails_without_stopping_the_sweep(
+        tmp_path: Path):
+    # seed 1 makes the grid run lr 0.5 (learns), 1e20 (NaN), then 1e-4 (learns nothing: pruned at epoch 1);
+    # each trial is a submitit job (a process of its own) that reports to the study through its storage
     run(grid_sweep(tmp_path, "optim.lr=choice(0.5,0.0001,1e20)", 1, 3, "optim=sgd", "optim.momentum=0",
-                   "hydra.sweeper.median.n_startup_trials=1", "hydra.sweeper.max_failure_rate=0.5"), tmp_path)
+                   "hydra.sweeper.median.n_startup_trials=1", "hydra.sweeper.max_failure_rate=0.5",
+                   "hydra/launcher=submitit_local"), tmp_path)
     found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
     client, runs = mlflow_runs(tmp_path, found)
     trials = {t.params["optim.lr"]: t for t in found}
@@ -133,6 +136,8 @@ def test_median_pruner_prunes_and_a_nan_trial_fails_without_stopping_the_sweep(t
     pruned = trials[0.0001]
     assert len(pruned.intermediate_values) == 1  # stopped after its first evaluation of two
     assert trials[0.5].value == runs[trials[0.5].number].data.metrics["val_loss"]
+    jobs = [p for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 3  # one submitit job (a process: its pid) per trial
 
 
 @pytest.mark.slow
