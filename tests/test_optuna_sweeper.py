@@ -187,3 +187,20 @@ def test_a_killed_sweep_resumes_without_repeating_trials_and_a_changed_space_is_
     assert "study resume in" in proc.stderr and "another search space" in proc.stderr
     assert len(study(url, "resume").trials) == 4  # nothing ran, nothing lost
 
+
+
+@pytest.mark.slow
+def test_too_many_failed_trials_stop_the_sweep_with_one_line(tmp_path: Path):
+    proc = run(grid_sweep(tmp_path, "optim.lr=choice(1e20,1e21)", 0, 2, "optim=sgd", "optim.momentum=0",
+                          "hydra.sweeper.max_failure_rate=0"), tmp_path, code=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "lesson7-train: error: the sweep stopped: 1 trials failed, more than hydra.sweeper.max_failure_rate=0")
+    assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL]
+
+
+@pytest.mark.slow
+def test_parallel_trials_in_one_process_are_refused(tmp_path: Path):
+    proc = run(sweep_cmd(tmp_path, "optim.lr=choice(0.1,0.2)", "hydra.sweeper.n_jobs=2"), tmp_path, code=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lesson7-train: error: hydra.sweeper.n_jobs=2 needs jobs in other processes: add hydra/launcher=joblib "
+        "(hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")

@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 
 
 def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Write importances.{png,csv,md} (when two or more trials finished and something varied) and
-    history.png into `out_dir`; the paths written."""
+    """Write history.png and (once two trials finished) importances.{png,csv,md} into `out_dir`;
+    the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -35,10 +35,9 @@ def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, out_dir / "history.png"))
     plt.close(fig)
-    try:
-        importances = optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):  # fewer than two finished trials, or nothing varied
+    if len(done) < 2:  # importances compare finished trials
         return paths
+    importances = optuna.importance.get_param_importances(study)
     names = list(importances)
     fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * len(names)))
     ax.barh(names[::-1], [importances[n] for n in names[::-1]])
