@@ -33,7 +33,7 @@ from lesson7_sweeps.config import register_schemas, validate
 from lesson7_sweeps.errors import ConfigError, DataError, UserError
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
-from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job
+from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job, run_to_continue
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def _is_multirun() -> bool:
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
+        cfg.resume = cfg.resume or run_to_continue()  # an Optuna trial that SLURM requeued continues its run
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if _is_multirun():

@@ -95,6 +95,7 @@ class OptunaSweeper(Sweeper):
                 while not stop and len(running) < s.n_jobs and _count(study) < n_trials:
                     trial = study.ask(space)
                     trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
+                    trial.set_user_attr(RUN_ID, None)  # not a retry's copy of the failed trial's: a run of its own
                     overrides = fixed + [search_space.to_override(k, v) for k, v in trial.params.items()]
                     running[self._start(pool, overrides, trial.number)] = trial
                     beat.add(trial)
@@ -214,7 +215,7 @@ class OptunaSweeper(Sweeper):
 
         from lesson7_sweeps.tracking import fail_orphan_run
 
-        if RUN_ID in trial.user_attrs and "uri" in self.config.tracking:
+        if trial.user_attrs.get(RUN_ID) and "uri" in self.config.tracking:
             fail_orphan_run(self.config.tracking.uri, trial.user_attrs[RUN_ID], "its sweeper died")
         RetryFailedTrialCallback(max_retry=1)(study, trial)
         log.warning("trial %d was left RUNNING by a sweeper that died: FAIL, to be retried", trial.number)

@@ -39,6 +39,23 @@ class Reporter:
 def reporter_for_job(run_id: str | None) -> Reporter | None:
     """The reporter of the current Hydra job when it is a trial of our Optuna sweeper, else None;
     records the job's MLflow run (None: tracking=none) on the trial."""
+    trial = _job_trial()
+    if trial is None:
+        return None
+    if run_id is not None:
+        trial.set_user_attr(RUN_ID, run_id)
+    return Reporter(trial)
+
+
+def run_to_continue() -> str | None:
+    """The MLflow run of this trial when its job runs a second time (SLURM requeued it after a
+    preemption or its time limit): the job continues that run from its last checkpoint."""
+    trial = _job_trial()
+    return None if trial is None else trial.user_attrs.get(RUN_ID)
+
+
+def _job_trial() -> Any:
+    """The Optuna trial the current Hydra job runs (trial N is job N), or None outside our sweeps."""
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -49,7 +66,4 @@ def reporter_for_job(run_id: str | None) -> Reporter | None:
     storage = optuna.storages.get_storage(storage_url(hc.sweeper, hc.sweep.dir))
     study = optuna.load_study(study_name=study_name(hc.sweeper), storage=storage, pruner=build_pruner(hc.sweeper))
     study_id = storage.get_study_id_from_name(study.study_name)
-    trial = optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, hc.job.num))
-    if run_id is not None:
-        trial.set_user_attr(RUN_ID, run_id)
-    return Reporter(trial)
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, hc.job.num))
