@@ -97,8 +97,8 @@ class OptunaSweeper(Sweeper):
                     trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
                     trial.set_user_attr(RUN_ID, None)  # not a retry's copy of the failed trial's: a run of its own
                     overrides = fixed + [search_space.to_override(k, v) for k, v in trial.params.items()]
+                    beat.add(trial)  # first: an in-process trial interrupted at its start is ours to fail
                     running[self._start(pool, overrides, trial.number)] = trial
-                    beat.add(trial)
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -114,7 +114,7 @@ class OptunaSweeper(Sweeper):
                               "the %d running trials, then stopping", n_failed, s.max_failure_rate, n_trials,
                               len(running))
         except BaseException:  # Ctrl-C or a launcher error: no trial of ours stays RUNNING
-            for trial in running.values():
+            for trial in list(beat.trials.values()):
                 study.tell(trial, state=TrialState.FAIL)
             raise
         finally:
@@ -292,17 +292,18 @@ class _Heartbeat:
     a live trial from one whose sweeper died (Optuna's fail_stale_trials)."""
 
     def __init__(self, study: optuna.Study, interval: int) -> None:
-        self.study, self.interval, self.trials = study, interval, set()
+        self.study, self.interval = study, interval
+        self.trials: dict[int, optuna.Trial] = {}  # by trial id: launched and not told yet
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
         self.thread.start()
 
     def add(self, trial: optuna.Trial) -> None:
-        self.trials.add(trial._trial_id)
+        self.trials[trial._trial_id] = trial
         self.study._storage.record_heartbeat(trial._trial_id)
 
     def remove(self, trial: optuna.Trial) -> None:
-        self.trials.discard(trial._trial_id)
+        self.trials.pop(trial._trial_id)
 
     def _run(self) -> None:
         while not self.done.wait(self.interval):
