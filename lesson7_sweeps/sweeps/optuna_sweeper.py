@@ -6,7 +6,7 @@
 No batch barrier: `n_jobs` threads each launch one trial at a time through Hydra's launcher, so a
 slot frees the moment its trial ends and the sampler's next suggestion starts there. Trial N of the
 study runs as Hydra job N (`initial_job_idx`), so job numbers are unique across resumes and across
-several sweeping processes sharing one study. Every Optuna call stays on the main thread.
+several sweeping processes sharing one study. Ask and tell stay on the main thread.
 """
 
 from __future__ import annotations
