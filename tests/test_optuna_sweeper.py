@@ -12,11 +12,14 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.sweeps import search_space
+from lesson7_sweeps.sweeps.optuna_study import OptunaSweeperConf, build_pruner, direction, storage_url
+from lesson7_sweeps.sweeps.optuna_sweeper import OptunaSweeper
 from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
 
 from .conftest import make_text, tiny_overrides
@@ -67,6 +70,29 @@ def test_grid_needs_finite_values():
     assert search_space.grid(space) == {"a": [1, 2], "b": [0.0, 0.5], "c": [1, 2, 3]}
     with pytest.raises(ConfigError, match="sampler=grid needs a finite set of values for lr"):
         search_space.grid(search_space.parse({"lr": "interval(0.1, 1)"}, [])[0])
+
+
+def settings(**changes: object):
+    return OmegaConf.merge(OmegaConf.structured(OptunaSweeperConf), changes)
+
+
+def test_every_sampler_pruner_and_direction_builds_and_a_wrong_name_is_one_line():
+    space, _ = search_space.parse({"a": "choice(1,2)"}, [])
+    kinds = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "Grid", "gp": "GPSampler"}
+    for name, cls in kinds.items():
+        assert type(OptunaSweeper(**settings(sampler=name))._sampler(space)).__name__ == cls
+    pruners = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    for name, cls in pruners.items():
+        assert type(build_pruner(settings(pruner=name))).__name__ == cls
+    assert direction(settings(), "val_bpc") == "minimize" and direction(settings(), "val_accuracy") == "maximize"
+    assert direction(settings(direction="maximize"), "val_loss") == "maximize"
+    for bad, match in ((lambda: OptunaSweeper(**settings(sampler="cmaes"))._sampler(space), "sampler=cmaes"),
+                       (lambda: build_pruner(settings(pruner="asha")), "pruner=asha"),
+                       (lambda: direction(settings(direction="up"), "val_loss"), "direction=up"),
+                       (lambda: storage_url(settings(storage="sqlite:///x.db"), "/tmp"), "needs hydra.sweeper.study")):
+        with pytest.raises(ConfigError, match=match):
+            bad()
+    assert storage_url(settings(), "multirun") == f"sqlite:///{Path('multirun').resolve()}/optuna.db"
 
 
 # ---- real sweeps ---------------------------------------------------------------------------------
