@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,13 @@ def _progress(iterable: Any, enabled: str, desc: str, total: int, initial: int) 
 
 
 def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, schedule: Schedule,
-        logger: Logger, out_dir: Path, start: dict[str, Any] | None = None) -> dict[str, float]:
+        logger: Logger, out_dir: Path, start: dict[str, Any] | None = None,
+        report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
     """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics.
 
-    `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop."""
+    `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop.
+    `report(step, objective)` is called after each evaluation (a sweeper's pruner); True stops
+    training there, which ends normally with the metrics so far."""
     tc = cfg.trainer
     device = _device(model)
     prec = Precision.choose(tc, device, data.kind == "image")
@@ -196,6 +200,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
             logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput}, step)
             log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            stop = stop or (report is not None and report(step, metrics[cfg.objective]))
             if stop or epoch + 1 == tc.epochs:
                 break
             if tc.checkpoints:

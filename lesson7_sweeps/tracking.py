@@ -445,6 +445,16 @@ def heartbeat_age(run: Any) -> float | None:
     return None if run.info.status != "RUNNING" or beat is None else time.time() - float(beat)
 
 
+def fail_orphan_run(uri: str, run_id: str, reason: str) -> None:
+    """Mark FAILED a run that its process left RUNNING when it died (a trial of a killed sweep)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, status="FAILED")
+
+
 def _root_cause(e: BaseException) -> str:
     """The innermost exception's first line: '[Errno 111] Connection refused', 'timed out', ..."""
     while (e.__cause__ or e.__context__) is not None and not isinstance(e.__cause__ or e.__context__, UserError):

@@ -34,6 +34,7 @@ from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.sweeps import parent as sweep
+from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job, run_to_continue
 from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,11 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
             if lr_finding:
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
-                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start)[cfg.objective]
+                report = reporter_for_job(logger.run_id)  # an Optuna trial: report evaluations, stop if pruned
+                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start,
+                                    report)[cfg.objective]
+                if report is not None and report.pruned:
+                    logger.set_tags({"trial_state": "PRUNED"})
                 logger.log_model(model)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
             with ckpt.shielded():
@@ -222,6 +227,7 @@ def resume_run(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
+        cfg.resume = cfg.resume or run_to_continue()  # an Optuna trial that SLURM requeued continues its run
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if sweep.is_multirun():

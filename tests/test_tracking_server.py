@@ -31,17 +31,18 @@ def free_port() -> int:
 
 
 class Server:
-    """`mlflow server` on 127.0.0.1 with its sqlite store and artifacts in `root`; kill() and start()
-    again keep the port and the store, like a restart of a real deployment."""
+    """`mlflow server` on 127.0.0.1 with its store (sqlite in `root`, or `backend`) and artifacts in
+    `root`; kill() and start() again keep the port and the store, like a restart of a real deployment."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None) -> None:
         self.root, self.port = root, free_port()
+        self.backend = backend or f"sqlite:///{root}/server.db"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--backend-store-uri", self.backend,
                "--artifacts-destination", str(self.root / "artifacts")]
         # no background job runner (huey workers): it only slows the start down on 2 cores
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -66,8 +66,8 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 
 def is_study(hc: DictConfig) -> bool:
-    """A sweeper with a persistent study (Optuna's storage + study_name) can be resumed."""
-    return bool(hc.sweeper.get("storage") and hc.sweeper.get("study_name"))
+    """A sweeper with a persistent study (Optuna's storage, and its study_name) can be resumed."""
+    return bool(hc.sweeper.get("storage"))
 
 
 def sweep_key(hc: DictConfig) -> str:
@@ -79,8 +79,10 @@ def sweep_key(hc: DictConfig) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def direction(objective: str) -> str:
-    return OBJECTIVES[objective]
+def direction(objective: str, hc: DictConfig | None = None) -> str:
+    """minimize or maximize: the sweeper's `direction` when it has one set, else the objective's way."""
+    chosen = hc.sweeper.get("direction") if hc is not None else None
+    return str(chosen) if chosen else OBJECTIVES[objective]
 
 
 def is_multirun() -> bool:
@@ -153,7 +155,7 @@ def start(cfg: DictConfig) -> Parent | None:
                   "objective": cfg.objective}
         tags = {**git_tags(), "run_type": "sweep", "sweep_id": sweep_id, "sweep_key": key,
                 "sweep_dir": os.path.abspath(str(hc.sweep.dir)), "swept": ",".join(spec.swept),
-                "objective": cfg.objective, "direction": direction(cfg.objective),
+                "objective": cfg.objective, "direction": direction(cfg.objective, hc),
                 "sweeper": str(hc.sweeper._target_), "launcher": str(hc.launcher._target_),
                 "hydra_overrides": " ".join(hc.overrides.task)}
         logger.start(name, params, tags)
@@ -163,7 +165,7 @@ def start(cfg: DictConfig) -> Parent | None:
         params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
         logger.set_experiment_tag(*sweep_view_tag(sweep_id, f"{name} {sweep_id}", params_swept,
                                                   created_ms=int(time.time() * 1000),
-                                                  lower_is_better=direction(cfg.objective) == "minimize"))
+                                                  lower_is_better=direction(cfg.objective, hc) == "minimize"))
     _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
     _stop_on_sigterm()
     return _active

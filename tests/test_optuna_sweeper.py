@@ -1,0 +1,232 @@
+"""hydra/sweeper=optuna: the search-space syntax, and real subprocess sweeps (pruning, a NaN trial,
+no batch barrier, resume after a kill, a changed search space refused) against real sqlite stores."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from lesson7_sweeps.errors import ConfigError
+from lesson7_sweeps.sweeps import search_space
+from lesson7_sweeps.sweeps.optuna_study import OptunaSweeperConf, build_pruner, direction, storage_url
+from lesson7_sweeps.sweeps.optuna_sweeper import OptunaSweeper
+from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
+
+from .conftest import make_text, tiny_overrides
+
+# ---- search space -------------------------------------------------------------------------------
+
+
+def test_search_space_reads_the_published_plugin_syntax():
+    space, fixed = search_space.parse(
+        {"data.bptt": "choice(8, 16)", "model.n_hidden": "range(64, 257, step=64)", "optim.lr": "interval(0.1, 1.0)",
+         "optim.weight_decay": "tag(log, interval(1e-5, 1e-2))", "model.n_layers": "int(interval(1, 3))",
+         "model.layers": "choice([16,32],[32,64])", "trainer.epochs": "3"},
+        ["data.bptt=4,8,12", "seed=7"])
+    assert space == {
+        "data.bptt": CategoricalDistribution([4, 8, 12]),  # the command line wins over params
+        "model.n_hidden": IntDistribution(64, 256, step=64),  # Hydra's range: the stop is excluded
+        "optim.lr": FloatDistribution(0.1, 1.0),
+        "optim.weight_decay": FloatDistribution(1e-5, 1e-2, log=True),
+        "model.n_layers": IntDistribution(1, 3),
+        "model.layers": CategoricalDistribution(["[16,32]", "[32,64]"]),  # encoded: back into an override as is
+    }
+    assert fixed == ["trainer.epochs=3", "seed=7"]
+    assert search_space.to_override("model.layers", "[16,32]") == "model.layers=[16,32]"
+
+
+def test_config_hash_follows_the_space_and_the_fixed_overrides_not_their_order():
+    space, fixed = search_space.parse({"a": "choice(1,2)", "b": "interval(0,1)"}, ["c=3", "d=4"])
+    same = search_space.parse({"b": "interval(0,1)", "a": "choice(1,2)"}, ["d=4", "c=3"])
+    assert search_space.config_hash(space, fixed) == search_space.config_hash(*same)
+    for other in (search_space.parse({"a": "choice(1,3)", "b": "interval(0,1)"}, ["c=3", "d=4"]),
+                  search_space.parse({"a": "choice(1,2)", "b": "interval(0,1)"}, ["c=3", "d=5"])):
+        assert search_space.config_hash(*other) != search_space.config_hash(space, fixed)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"a": "interval(2, 1)"}, "low < high"),
+    ({"a": "tag(log, interval(0, 1))"}, "low > 0"),
+    ({"a": "range(5, 1)"}, "range is empty"),
+    ({"a": "choice(1, 1)"}, "twice"),
+])
+def test_bad_search_spaces_are_one_line_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        search_space.parse(params, [])
+
+
+def test_grid_needs_finite_values():
+    space, _ = search_space.parse({"a": "choice(1,2)", "b": "range(0, 1, step=0.5)", "c": "range(1,4)"}, [])
+    assert search_space.grid(space) == {"a": [1, 2], "b": [0.0, 0.5], "c": [1, 2, 3]}
+    with pytest.raises(ConfigError, match="sampler=grid needs a finite set of values for lr"):
+        search_space.grid(search_space.parse({"lr": "interval(0.1, 1)"}, [])[0])
+
+
+def settings(**changes: object):
+    return OmegaConf.merge(OmegaConf.structured(OptunaSweeperConf), changes)
+
+
+def test_every_sampler_pruner_and_direction_builds_and_a_wrong_name_is_one_line():
+    space, _ = search_space.parse({"a": "choice(1,2)"}, [])
+    kinds = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "Grid", "gp": "GPSampler"}
+    for name, cls in kinds.items():
+        assert type(OptunaSweeper(**settings(sampler=name))._sampler(space)).__name__ == cls
+    pruners = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    for name, cls in pruners.items():
+        assert type(build_pruner(settings(pruner=name))).__name__ == cls
+    assert direction(settings(), "val_bpc") == "minimize" and direction(settings(), "val_accuracy") == "maximize"
+    assert direction(settings(direction="maximize"), "val_loss") == "maximize"
+    for bad, match in ((lambda: OptunaSweeper(**settings(sampler="cmaes"))._sampler(space), "sampler=cmaes"),
+                       (lambda: build_pruner(settings(pruner="asha")), "pruner=asha"),
+                       (lambda: direction(settings(direction="up"), "val_loss"), "direction=up"),
+                       (lambda: storage_url(settings(storage="sqlite:///x.db"), "/tmp"), "needs hydra.sweeper.study")):
+        with pytest.raises(ConfigError, match=match):
+            bad()
+    assert storage_url(settings(), "multirun") == f"sqlite:///{Path('multirun').resolve()}/optuna.db"
+
+
+# ---- real sweeps ---------------------------------------------------------------------------------
+
+
+def sweep_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    """A sequential Optuna sweep of tiny CPU trials (about 19 steps per epoch), writing into tmp_path."""
+    text = tmp_path / "tiny.txt"
+    text.write_text(make_text(1500), encoding="utf-8")
+    # the console script, not `python -m`: joblib would pickle a task function of __main__ by value
+    return [str(Path(sys.executable).with_name("lesson7-train")), "-m", *tiny_overrides(tmp_path, text),
+            "data.random_bptt=false", "trainer.sample.chars=0", "trainer.checkpoints=false", "hydra/sweeper=optuna",
+            f"hydra.sweep.dir={tmp_path}/multirun", *extra]
+
+
+def grid_sweep(tmp_path: Path, space: str, seed: int, n_trials: int, *extra: str) -> list[str]:
+    """A grid over `space` in the order that `seed` gives (tests pick one that sets up their case)."""
+    return sweep_cmd(tmp_path, space, "hydra.sweeper.sampler=grid", f"hydra.sweeper.seed={seed}",
+                     f"hydra.sweeper.n_trials={n_trials}", *extra)
+
+
+def run(cmd: list[str], tmp_path: Path, code: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    return proc
+
+
+def mlflow_runs(tmp_path: Path, trials: list[optuna.trial.FrozenTrial]) -> tuple[MlflowClient, dict[int, object]]:
+    """Every run of the test experiment, by the number of the trial that recorded it."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
+    by_trial = {t.number: runs.pop(t.user_attrs[RUN_ID]) for t in trials}
+    assert not runs  # no run without its trial
+    return client, by_trial
+
+
+def study(url: str, name: str = "lesson7") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def metric(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.mark.slow
+def test_median_pruner_prunes_a_trial_in_another_process_and_a_nan_trial_fails_without_stopping_the_sweep(
+        tmp_path: Path):
+    # seed 1 makes the grid run lr 0.5 (learns), 1e20 (NaN), then 1e-4 (learns nothing: pruned at epoch 1);
+    # each trial is a submitit job (a process of its own) that reports to the study through its storage
+    run(grid_sweep(tmp_path, "optim.lr=choice(0.5,0.0001,1e20)", 1, 3, "optim=sgd", "optim.momentum=0",
+                   "hydra.sweeper.median.n_startup_trials=1", "hydra.sweeper.max_failure_rate=0.5",
+                   "hydra/launcher=submitit_local"), tmp_path)
+    found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    client, runs = mlflow_runs(tmp_path, found)
+    trials = {t.params["optim.lr"]: t for t in found}
+    assert {lr: t.state for lr, t in trials.items()} == {
+        0.5: TrialState.COMPLETE, 1e20: TrialState.FAIL, 0.0001: TrialState.PRUNED}
+    for t in found:
+        r = runs[t.number]
+        if t.state == TrialState.FAIL:
+            assert r.info.status == "FAILED"
+            continue
+        assert r.info.status == "FINISHED"
+        # what Optuna saw is what MLflow holds, at the same steps
+        assert t.intermediate_values == metric(client, r.info.run_id, "val_loss")
+        assert r.data.tags.get("trial_state") == ("PRUNED" if t.state == TrialState.PRUNED else None)
+    pruned = trials[0.0001]
+    assert len(pruned.intermediate_values) == 1  # stopped after its first evaluation of two
+    assert trials[0.5].value == runs[trials[0.5].number].data.metrics["val_loss"]
+    jobs = [p for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 3  # one submitit job (a process: its pid) per trial
+
+
+@pytest.mark.slow
+def test_no_batch_barrier_a_free_slot_takes_the_next_trial_at_once(tmp_path: Path):
+    # seed 1 asks for the 20-epoch trial among the first two; two at once on the joblib launcher
+    run(grid_sweep(tmp_path, "trainer.epochs=choice(20,1,2)", 1, 3, "hydra.sweeper.n_jobs=2",
+                   "hydra.sweeper.pruner=none", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), tmp_path)
+    trials = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) == 3
+    long = next(t for t in trials[:2] if t.params["trainer.epochs"] == 20)
+    assert trials[2].datetime_start < long.datetime_complete  # a barrier would hold it until the long one ended
+    assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_repeating_trials_and_a_changed_space_is_refused(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/study.db"
+    cmd = grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02,0.03)", 0, 3, "trainer.epochs=3",
+                     f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=resume")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill the sweeper (and its in-process trial) while trial 1 trains
+        time.sleep(1)
+        try:
+            trials = study(url, "resume").trials
+        except KeyError:
+            continue
+        if len(trials) == 2 and trials[1].intermediate_values:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+
+    run(cmd, tmp_path)
+    trials = study(url, "resume").trials
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert sorted(t.params["optim.lr"] for t in trials if t.state == TrialState.COMPLETE) == [0.01, 0.02, 0.03]
+    assert trials[2].params == trials[1].params or trials[3].params == trials[1].params  # the killed one, retried
+    _, runs = mlflow_runs(tmp_path, trials)
+    assert {k: r.info.status for k, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FINISHED", 3: "FINISHED"}
+    assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
+
+    changed = [a.replace("choice(0.01,0.02,0.03)", "choice(0.01,0.05)") for a in cmd]
+    proc = run(changed, tmp_path, code=2)
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "study resume in" in proc.stderr and "another search space" in proc.stderr
+    assert len(study(url, "resume").trials) == 4  # nothing ran, nothing lost
+
+
+
+@pytest.mark.slow
+def test_too_many_failed_trials_stop_the_sweep_with_one_line(tmp_path: Path):
+    proc = run(grid_sweep(tmp_path, "optim.lr=choice(1e20,1e21)", 0, 2, "optim=sgd", "optim.momentum=0",
+                          "hydra.sweeper.max_failure_rate=0"), tmp_path, code=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "lesson7-train: error: the sweep stopped: 1 trials failed, more than hydra.sweeper.max_failure_rate=0")
+    assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL]
+
+
+@pytest.mark.slow
+def test_parallel_trials_in_one_process_are_refused(tmp_path: Path):
+    proc = run(sweep_cmd(tmp_path, "optim.lr=choice(0.1,0.2)", "hydra.sweeper.n_jobs=2"), tmp_path, code=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lesson7-train: error: hydra.sweeper.n_jobs=2 needs jobs in other processes: add hydra/launcher=joblib "
+        "(hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")

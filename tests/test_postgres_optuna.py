@@ -1,0 +1,78 @@
+"""A parallel Optuna sweep with pruning against a real `mlflow server` backed by PostgreSQL, with
+the Optuna storage on the same PostgreSQL: the set-up the README gives for many machines.
+
+`.ci/run` starts a throwaway cluster (`.ci/postgres`) and exports LESSON7_TEST_POSTGRES_URL; locally:
+    eval "$(.ci/postgres)"   # then run this file; `.ci/postgres stop $LESSON7_TEST_POSTGRES_DIR`
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import optuna
+import psycopg2
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
+
+from .test_optuna_sweeper import grid_sweep, run
+from .test_tracking_server import Server
+
+URL = os.environ.get("LESSON7_TEST_POSTGRES_URL")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    URL is None, reason='no PostgreSQL: set LESSON7_TEST_POSTGRES_URL (eval "$(.ci/postgres)" starts one)')]
+
+
+@pytest.fixture
+def databases():
+    """Two fresh databases on the cluster: MLflow's and Optuna's (each keeps its own schema version)."""
+    names = [f"{kind}_{uuid.uuid4().hex[:8]}" for kind in ("mlflow", "optuna")]
+    conn = psycopg2.connect(URL)
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"CREATE DATABASE {name}")
+    base = URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")  # MLflow's default is psycopg 3
+    yield [f"{base}/{name}" for name in names]
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    conn.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, databases):
+    srv = Server(tmp_path, backend=databases[0])
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def test_parallel_pruned_sweep_on_an_mlflow_server_and_optuna_storage_in_postgresql(tmp_path: Path, databases,
+                                                                                    server: Server):
+    optuna_db = databases[1]
+    run(grid_sweep(tmp_path, "optim.lr=choice(0.5,0.2,0.0001,0.00001)", 0, 4, "optim=sgd", "optim.momentum=0",
+                   f"tracking.uri={server.uri}", f"hydra.sweeper.storage={optuna_db}",
+                   "hydra.sweeper.study_name=pg", "hydra.sweeper.median.n_startup_trials=1",
+                   "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), tmp_path)
+    trials = optuna.load_study(study_name="pg", storage=optuna_db).trials
+    client = MlflowClient(server.uri)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
+    assert len(trials) == 4 and len(runs) == 4
+    assert sorted(t.params["optim.lr"] for t in trials) == [0.00001, 0.0001, 0.2, 0.5]
+    for t in trials:
+        r = runs[t.user_attrs[RUN_ID]]
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert r.info.status == "FINISHED"
+        assert r.data.tags.get("trial_state") == ("PRUNED" if t.state == TrialState.PRUNED else None)
+        val_loss = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "val_loss")}
+        assert t.intermediate_values == val_loss  # Optuna saw exactly what MLflow holds
+        assert len(val_loss) == (1 if t.state == TrialState.PRUNED else 2)
+        if t.state == TrialState.COMPLETE:
+            assert t.value == r.data.metrics["val_loss"]
+        assert {"train_loss", "val_accuracy", "val_bpc"} <= set(r.data.metrics)
+        assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}  # through the server

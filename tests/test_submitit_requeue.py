@@ -1,0 +1,56 @@
+"""A trial whose job runs a second time (SLURM requeued it) continues its own MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from mlflow import MlflowClient
+from omegaconf import open_dict
+from optuna.distributions import FloatDistribution
+
+from lesson7_sweeps.sweeps.optuna_trial import RUN_ID, run_to_continue
+from lesson7_sweeps.train import CONF_DIR, train_run
+
+from .conftest import tiny_overrides
+
+
+@pytest.fixture
+def trial_job(tmp_path: Path, text_file: Path):
+    """The config of job 0 of an Optuna sweep, set as Hydra's (as the launcher does), and its trial."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="requeue", storage=url)
+    trial = study.ask({"optim.lr": FloatDistribution(1e-3, 1e-1)})
+    trial.set_user_attr(RUN_ID, None)  # as the sweeper does
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny_overrides(tmp_path, text_file), "trainer.epochs=1",
+                                          "hydra/sweeper=optuna", f"hydra.sweeper.storage={url}",
+                                          "hydra.sweeper.study_name=requeue"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.job.num = RunMode.MULTIRUN, trial.number
+        cfg.hydra.runtime.output_dir = str(tmp_path / "job0")
+    (tmp_path / "job0" / ".hydra").mkdir(parents=True)  # the run logs it, as in a launched job
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    yield cfg, study, trial
+    HydraConfig.instance().cfg = None
+
+
+def test_a_requeued_trial_finds_the_run_its_first_attempt_started(trial_job, tmp_path: Path):
+    cfg, study, trial = trial_job
+    assert run_to_continue() is None  # first attempt: a new run
+    outcome = train_run(cfg)
+    assert study.trials[0].user_attrs[RUN_ID] == outcome.run_id
+    assert run_to_continue() == outcome.run_id  # second attempt: continue that run (resume=RUN_ID)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(outcome.run_id).data.metrics["val_loss"] == study.trials[0].intermediate_values[
+        max(study.trials[0].intermediate_values)]
+
+
+def test_outside_an_optuna_sweep_nothing_is_continued():
+    assert not HydraConfig.initialized() and run_to_continue() is None
