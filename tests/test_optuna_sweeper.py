@@ -184,16 +184,8 @@ def test_a_killed_sweep_resumes_without_repeating_trials_and_a_changed_space_is_
     cmd = grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02,0.03)", 0, 3, "trainer.epochs=3",
                      f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=resume")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill the sweeper (and its in-process trial) while trial 1 trains
-        time.sleep(1)
-        try:
-            trials = study(url, "resume").trials
-        except KeyError:
-            continue
-        if len(trials) == 2 and trials[1].intermediate_values:
-            proc.send_signal(signal.SIGKILL)
-            break
+    wait_for_training(tmp_path, proc, 1)
+    proc.send_signal(signal.SIGKILL)  # the sweeper and its in-process trial die while trial 1 trains
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
 
@@ -212,6 +204,33 @@ def test_a_killed_sweep_resumes_without_repeating_trials_and_a_changed_space_is_
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "study resume in" in proc.stderr and "another search space" in proc.stderr
     assert len(study(url, "resume").trials) == 4  # nothing ran, nothing lost
+    run([*changed, "hydra.sweeper.new_study=true", "hydra.sweeper.n_trials=1"], tmp_path)  # asked for: replaced
+    assert [t.params["optim.lr"] in (0.01, 0.05) for t in study(url, "resume").trials] == [True]
+
+
+def wait_for_training(tmp_path: Path, proc: subprocess.Popen, job: int) -> None:
+    """Until job `job` of the sweep has finished an epoch (its log says so; the study's storage is
+    not touched, as a reader could race the sweeper creating it)."""
+    log = tmp_path / "multirun" / str(job) / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if log.exists() and "epoch 1 step" in log.read_text():
+            return
+    raise AssertionError(f"job {job} never finished an epoch: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_the_running_trial_and_kills_its_run(tmp_path: Path):
+    proc = subprocess.Popen(grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02)", 0, 2, "trainer.epochs=30"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for_training(tmp_path, proc, 0)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
+    trials = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    _, runs = mlflow_runs(tmp_path, trials)
+    assert runs[0].info.status == "KILLED"
 
 
 
