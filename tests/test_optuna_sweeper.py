@@ -125,7 +125,9 @@ def mlflow_runs(tmp_path: Path, trials: list[optuna.trial.FrozenTrial]) -> tuple
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
     by_trial = {t.number: runs.pop(t.user_attrs[RUN_ID]) for t in trials}
-    assert not runs  # no run without its trial
+    (parent,) = runs.values()  # no run without its trial, but the sweep's parent run
+    assert parent.data.tags["run_type"] == "sweep"
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_trial.values()} == {parent.info.run_id}
     return client, by_trial
 
 
@@ -195,8 +197,10 @@ def test_a_killed_sweep_resumes_without_repeating_trials_and_a_changed_space_is_
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert sorted(t.params["optim.lr"] for t in trials if t.state == TrialState.COMPLETE) == [0.01, 0.02, 0.03]
     assert trials[2].params == trials[1].params or trials[3].params == trials[1].params  # the killed one, retried
-    _, runs = mlflow_runs(tmp_path, trials)
+    client, runs = mlflow_runs(tmp_path, trials)  # the resumed sweep reused the killed one's parent run
     assert {k: r.info.status for k, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FINISHED", 3: "FINISHED"}
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 4
     assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
 
     changed = [a.replace("choice(0.01,0.02,0.03)", "choice(0.01,0.05)") for a in cmd]

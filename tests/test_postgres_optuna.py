@@ -62,7 +62,12 @@ def test_parallel_pruned_sweep_on_an_mlflow_server_and_optuna_storage_in_postgre
     trials = optuna.load_study(study_name="pg", storage=optuna_db).trials
     client = MlflowClient(server.uri)
     runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
+    (parent,) = [r for r in runs.values() if r.data.tags.get("run_type") == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 4
+    assert "optuna/history.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    runs.pop(parent.info.run_id)
     assert len(trials) == 4 and len(runs) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
     assert sorted(t.params["optim.lr"] for t in trials) == [0.00001, 0.0001, 0.2, 0.5]
     for t in trials:
         r = runs[t.user_attrs[RUN_ID]]
