@@ -40,14 +40,14 @@ def changed_overrides(cfg: DictConfig, run_cfg: DictConfig, run_tags: dict[str, 
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(f"{getattr(e, 'override', '')}: {e}") from None
-    changed: dict[str, str] = {}  # key -> the last override of it (Hydra's rule)
-    for o in parsed:
-        key = o.key_or_group
+    last = {o.key_or_group: o for o in parsed}  # a key given twice: the last one counts (Hydra's rule)
+    changed = []
+    for key, o in last.items():
         if key.startswith("hydra") or key in WHICH_RUN:
             continue
         if key in SCHEMAS:  # a group choice: the same option as the run's is no change
             same = run_tags.get(f"choice.{key}") == o.value() or (
-                "_target_" in run_cfg[key] and OmegaConf.select(cfg, f"{key}._target_") == run_cfg[key]._target_)
+                OmegaConf.to_container(cfg[key], resolve=True) == OmegaConf.to_container(run_cfg[key]))
         else:
             same = OmegaConf.select(cfg, key, default=None) == OmegaConf.select(run_cfg, key, default=None)
         if same:
@@ -56,9 +56,8 @@ def changed_overrides(cfg: DictConfig, run_cfg: DictConfig, run_tags: dict[str, 
             raise ConfigError(f"{o.input_line}: resume continues the run with its own config; only "
                               f"{', '.join(SAFE)} may change (lesson7-rerun {cfg.resume} {o.input_line} trains a new "
                               f"run with it)")
-        changed.pop(key, None)
-        changed[key] = o.input_line
-    return list(changed.values())
+        changed.append(o.input_line)
+    return changed
 
 
 def plan(cfg: DictConfig, overrides: list[str]) -> Plan:

@@ -89,7 +89,8 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
         proc.communicate(timeout=60)
         stopped = run_named(name)
         assert stopped.info.status == ("RUNNING" if signum == signal.SIGKILL else "KILLED")
-        finish(launch(f"resume={stopped.info.run_id}", f"hydra.run.dir={tmp_path}/{name}-resumed"))
+        gone = ["force_resume=true"] if signum == signal.SIGKILL else []  # its heartbeat is fresh, its process gone
+        finish(launch(f"resume={stopped.info.run_id}", *gone, f"hydra.run.dir={tmp_path}/{name}-resumed"))
 
     assert sorted(r.info.run_name for r in runs(tmp_path)) == ["SIGKILL", "SIGTERM", "straight"]
     straight = run_named("straight")

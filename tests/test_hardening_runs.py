@@ -196,7 +196,8 @@ def test_resume_of_a_finished_run_needs_more_epochs_and_then_extends_it(make_cfg
 
 def test_resume_applies_safe_overrides_and_refuses_the_rest_in_one_line(make_cfg, tmp_path: Path):
     killed = stored_run(make_cfg, tmp_path, "KILLED", None)
-    safe = ["trainer.max_steps=7", "trainer.log_every=3", "trainer.device=cpu", "data.bptt=8", "model=lstm"]
+    safe = ["trainer.max_steps=7", "trainer.log_every=3", "trainer.device=cpu", "data.bptt=8", "model=lstm",
+            "schedule=sgdr", "schedule=constant"]  # given twice, the last counts: the run's own
     plan = resume.plan(resume_cfg(make_cfg, killed, *safe), safe)
     assert (plan.cfg.trainer.max_steps, plan.cfg.trainer.log_every) == (7, 3)
     assert plan.overrides == ["trainer.max_steps=7", "trainer.log_every=3"]  # the others change nothing
