@@ -193,7 +193,7 @@ def test_a_download_cannot_plant_a_file_python_runs(tmp_path: Path):
     site = tmp_path / "site-packages"
     try:
         data = TextData(path=str(tmp_path / "missing.txt"), url=f"http://127.0.0.1:{server.server_port}/evil.pth",
-                        cache_dir=str(site), lower=True, min_freq=1, valid_frac=0.2, bs=4, bptt=8,
+                        cache_dir=str(site), lower=True, min_freq=1, valid_frac=0.2, valid_from_line=None, bs=4, bptt=8,
                         random_bptt=False)
     finally:
         server.shutdown()

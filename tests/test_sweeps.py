@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from lesson7_sweeps.sweeps import parent as sweep
 from lesson7_sweeps.sweeps.callbacks import SweepParentRun
 from lesson7_sweeps.sweeps.compare import main as compare
+from lesson7_sweeps.sweeps.names import format_value, short_names
 from lesson7_sweeps.sweeps.summary import Summary, plots
 from lesson7_sweeps.train import CONF_DIR
 
@@ -46,9 +47,9 @@ def test_the_swept_keys_come_from_the_command_line_and_the_presets_params():
 
 
 def test_short_names_keep_the_full_key_where_two_would_look_alike():
-    assert sweep.short_names(["data.bptt", "optim.lr", "schedule.lr"]) == {
+    assert short_names(["data.bptt", "optim.lr", "schedule.lr"]) == {
         "data.bptt": "bptt", "optim.lr": "optim.lr", "schedule.lr": "schedule.lr"}
-    assert [sweep.format_value(v) for v in (0.001, 3e-4, 16, [16, 32], "gru")] == ["0.001", "0.0003", "16",
+    assert [format_value(v) for v in (0.001, 3e-4, 16, [16, 32], "gru")] == ["0.001", "0.0003", "16",
                                                                                    "[16,32]", "gru"]
 
 

@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.sweeps.names import format_value, short_names
 from lesson7_sweeps.sweeps.ui import sweep_view_tag, sweep_view_url
 from lesson7_sweeps.tracking import Logger, MlflowLogger, flatten, git_tags
 
@@ -59,12 +60,6 @@ def sweep_spec(hc: DictConfig) -> SweepSpec:
     return SweepSpec(swept, fixed)
 
 
-def short_names(keys: list[str]) -> dict[str, str]:
-    """data.bptt -> bptt, model.n_hidden -> n_hidden; the full key where two would look alike."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
-
-
 def is_study(hc: DictConfig) -> bool:
     """A sweeper with a persistent study (Optuna's storage, and its study_name) can be resumed."""
     return bool(hc.sweeper.get("storage"))
@@ -87,15 +82,6 @@ def direction(objective: str, hc: DictConfig | None = None) -> str:
 
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def format_value(value: Any) -> str:
-    """Short, readable values for run names: 0.001, [16,32], gru."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    return str(value)
 
 
 # --- the sweeping process ----------------------------------------------------------------------

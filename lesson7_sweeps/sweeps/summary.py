@@ -11,15 +11,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from lesson7_sweeps.sweeps.parent import short_names
+from lesson7_sweeps.sweeps.names import short_names
 from lesson7_sweeps.tracking import MlflowLogger
-
-if TYPE_CHECKING:
-    from lesson7_sweeps.sweeps.parent import Parent
 
 ENDED_WELL = ("FINISHED", "PRUNED")  # a pruned trial ended normally, stopped early on purpose
 
@@ -89,9 +86,9 @@ def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
     return Summary(parent.info.run_id, title, table, list(short.values()), tags.get("direction", "minimize"))
 
 
-def write_summary(parent: Parent) -> Summary:
-    """Log the summary onto the parent run: summary.csv, summary.html, plots, best_* tags, counts;
-    and tag the best trial best=true."""
+def write_summary(parent: Any) -> Summary:
+    """Log the summary onto the sweep's parent run (a sweeps.parent.Parent): summary.csv,
+    summary.html, plots, best_* tags, counts; and tag the best trial best=true."""
     logger = parent.logger
     (run,) = logger.search(f"attributes.run_id = '{parent.run_id}'")
     summary = trial_table(logger, run)
