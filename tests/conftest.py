@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -64,3 +65,14 @@ def make_cfg(tmp_path: Path, text_file: Path):
             return compose("train", overrides=[*tiny_overrides(tmp_path, text_file, tracking), *overrides])
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A test that runs the CLI in-process lets Hydra point the root logger at pytest's captured
+    streams, which are closed after the test: later tests would print 'Logging error' to stderr."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
