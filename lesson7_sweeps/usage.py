@@ -12,7 +12,7 @@ from lesson7_sweeps.config import CONF_DIR
 from lesson7_sweeps.errors import UserError
 
 PROG = "lesson7-train"
-GROUPS = ("data", "model", "optim", "schedule", "trainer", "tracking", "experiment")
+GROUPS = ("data", "model", "optim", "schedule", "trainer", "tracking", "experiment", "sweep")
 
 
 def options(group: str) -> list[str]:
@@ -24,7 +24,7 @@ def usage() -> str:
     groups = "\n".join(f"  {g:<11} {', '.join(options(g))}" for g in GROUPS)
     return f"""usage: {PROG} [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job]
 
-Train one of fast.ai lesson 6-7's models, logged to MLflow; -m runs a sweep (one run per combination).
+Train one of fast.ai lesson 6-7's models, logged to MLflow; -m runs a sweep (a parent run, one child run per trial).
 
 config groups (defaults in conf/train.yaml; `{PROG} --cfg job` prints the composed config):
 {groups}
@@ -32,7 +32,10 @@ config groups (defaults in conf/train.yaml; `{PROG} --cfg job` prints the compos
 examples:
   {PROG}                                       the lesson's 512x2 LSTM on Nietzsche
   {PROG} experiment=lesson7_resnet2            replay a notebook (a preset from the experiment group)
-  {PROG} -m data.bptt=8,16 model.n_hidden=128,256   a sweep: one MLflow run per combination
+  {PROG} -m data.bptt=8,16 model.n_hidden=128,256   a sweep: one MLflow run per combination, under a parent
+  {PROG} -m sweep=lstm_bptt_hidden hydra/launcher=joblib   a preset sweep, two trials at once
+  {PROG} -m sweep=lstm_bptt_hidden_optuna          an Optuna search with pruning (hydra/sweeper=optuna)
+  lesson7-compare [PARENT_RUN_ID]                    a sweep's trials, best first (default: the latest sweep)
   {PROG} model=gru optim.lr=3e-3 trainer.device=cpu trainer.max_steps=200
   lesson7-lr-find model=lstm                      the lr finder (= {PROG} +lr_find=true)
 
