@@ -280,8 +280,7 @@ class MlflowLogger:
 
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """End another run of this store (a sweep's trial left RUNNING by a worker that died)."""
-        self.client.set_tag(run_id, "failure_reason", reason)
-        self.client.set_terminated(run_id, status=status)
+        _end(self.client, run_id, status, reason)
 
     def search(self, filter_string: str, order_by: list[str] | None = None, max_results: int = 50000,
                all_experiments: bool = False, experiment_id: str | None = None) -> list[Any]:
@@ -427,8 +426,7 @@ class MlflowLogger:
         if age is not None and age < self.stale_after_s and not force:
             raise UserError(f"run {run_id} is still training (its heartbeat is {age:.0f} s old); stop it first, "
                             f"or add --force")
-        client.set_tag(run_id, "failure_reason", "left RUNNING; marked FAILED by lesson7-train --mark-failed")
-        client.set_terminated(run_id, status="FAILED")
+        _end(client, run_id, "FAILED", "left RUNNING; marked FAILED by lesson7-train --mark-failed")
 
 
 
@@ -451,8 +449,13 @@ def fail_orphan_run(uri: str, run_id: str, reason: str) -> None:
 
     client = MlflowClient(uri)
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, "failure_reason", reason)
-        client.set_terminated(run_id, status="FAILED")
+        _end(client, run_id, "FAILED", reason)
+
+
+def _end(client: Any, run_id: str, status: str, reason: str) -> None:
+    """End a run that is not this process's own: the reason as a tag, then the status."""
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, status=status)
 
 
 def _root_cause(e: BaseException) -> str:
