@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,8 +48,30 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True) -> list[str]:
-    """A small, CPU-only, fast run that writes into tmp_path (or tracks nothing)."""
+@functools.cache
+def _empty_store() -> Path:
+    """An empty MLflow sqlite store, created by MLflow itself once per test session. Creating one runs
+    every schema migration (~3 s on the CI machine), so tests start from a copy of this one instead."""
+    from mlflow import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="lesson7-empty-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def seed_store(db: Path) -> None:
+    """Put an empty, fully migrated store at `db` unless one is there."""
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), db)
+
+
+def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True, fresh_store: bool = False) -> list[str]:
+    """A small, CPU-only, fast run that writes into tmp_path (or tracks nothing). The store starts as a
+    copy of an empty one; `fresh_store` leaves it to the run to create (tests of when it is created)."""
+    if tracking and not fresh_store:
+        seed_store(tmp_path / "mlflow.db")
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts",
              "tracking.experiment=test", "tracking.log_model=false"]
     return [*(store if tracking else ["tracking=none"]),
@@ -60,9 +86,11 @@ def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True) -> list[st
 def make_cfg(tmp_path: Path, text_file: Path):
     """Compose the real config (conf/) with tiny-run overrides plus the test's own."""
 
-    def _make(*overrides: str, tracking: bool = True) -> DictConfig:
+    def _make(*overrides: str, tracking: bool = True, fresh_store: bool = False) -> DictConfig:
+        fresh_store |= any(o.startswith(("tracking.uri=", "tracking=")) for o in overrides)  # a store elsewhere
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("train", overrides=[*tiny_overrides(tmp_path, text_file, tracking), *overrides])
+            return compose("train", overrides=[*tiny_overrides(tmp_path, text_file, tracking, fresh_store),
+                                               *overrides])
 
     return _make
 

@@ -96,7 +96,8 @@ def test_a_deleted_experiment_is_one_line(monkeypatch, capsys, tmp_path: Path):
 
 
 def test_a_model_that_cannot_fit_is_one_line(monkeypatch, capsys, tmp_path: Path, text_file: Path):
-    argv = [*tiny_overrides(tmp_path, text_file), "model.n_hidden=10000000", f"hydra.run.dir={tmp_path}/run"]
+    argv = [*tiny_overrides(tmp_path, text_file, fresh_store=True), "model.n_hidden=10000000",
+            f"hydra.run.dir={tmp_path}/run"]
     code, err, _ = run_cli(monkeypatch, capsys, tmp_path, argv)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"{PREFIX}the model does not fit: its "), err
     assert not (tmp_path / "mlflow.db").exists()

@@ -227,7 +227,7 @@ def test_a_text_that_is_mostly_unk_is_tagged(make_cfg, tmp_path: Path):
 
 def test_a_model_too_big_for_memory_is_one_line_before_any_run(make_cfg, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^the model does not fit: its [\d,]+ parameters need about"):
-        train(make_cfg("model.n_hidden=10000000"))
+        train(make_cfg("model.n_hidden=10000000", fresh_store=True))
     assert not (tmp_path / "mlflow.db").exists()  # checked before the store was even created
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from lesson7_sweeps.rerun import main
 from lesson7_sweeps.stored import parse_stored_config, rebuild_config
 from lesson7_sweeps.train import CONF_DIR, train
 
-from .conftest import make_text
+from .conftest import make_text, seed_store
 
 PREFIX = "lesson7-rerun: "
 
@@ -26,18 +25,10 @@ PREFIX = "lesson7-rerun: "
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty sqlite store, made once: creating one takes seconds, copying it none."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def store(tmp_path: Path, empty_store: Path) -> str:
+def store(tmp_path: Path) -> str:
     """The store tiny_overrides() tracks to, in this test's tmp_path."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    seed_store(tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 

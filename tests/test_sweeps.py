@@ -63,9 +63,9 @@ def test_trials_of_one_sweep_share_a_key_and_a_study_keeps_its_key_across_sweep_
     assert sweep.sweep_key(s1) == sweep.sweep_key(s2) and "o.db" not in sweep.sweep_key(s1)
 
 
-def compose_sweep(tmp_path: Path, text: Path, *overrides: str, tracking: bool = True):
+def compose_sweep(tmp_path: Path, text: Path, *overrides: str, tracking: bool = True, fresh_store: bool = False):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[*tiny_overrides(tmp_path, text, tracking),
+        return compose("train", overrides=[*tiny_overrides(tmp_path, text, tracking, fresh_store),
                                            f"hydra.sweep.dir={tmp_path}/multirun", *overrides],
                        return_hydra_config=True)
 
@@ -73,7 +73,7 @@ def compose_sweep(tmp_path: Path, text: Path, *overrides: str, tracking: bool = 
 @pytest.mark.parametrize("tracking", [True, False])
 def test_the_callback_creates_the_store_and_the_parent_before_any_job(tmp_path: Path, text_file: Path,
                                                                       tracking: bool):
-    cfg = compose_sweep(tmp_path, text_file, tracking=tracking)
+    cfg = compose_sweep(tmp_path, text_file, tracking=tracking, fresh_store=True)
     SweepParentRun().on_multirun_start(cfg)
     assert (tmp_path / "mlflow.db").exists() == tracking
     if not tracking:
