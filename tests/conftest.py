@@ -7,6 +7,7 @@ import functools
 import logging
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def tiny_overrides(tmp_path: Path, text: Path, tracking: bool = True, fresh_stor
     return [*(store if tracking else ["tracking=none"]),
         "data=text", f"data.path={text}", "data.bs=8", "data.bptt=8", f"data.cache_dir={tmp_path}/cache",
         "model=lstm", "model.n_fac=8", "model.n_hidden=32", "model.n_layers=1", "model.dropout=0.0",
-        "optim.lr=1e-2", "schedule=constant", "trainer.epochs=2", "trainer.device=cpu",
+        "optim.lr=1e-2", "schedule=constant", "trainer.epochs=2", "trainer.device=cpu", "trainer.threads=1",
         "trainer.progress=off", "trainer.log_every=10", "trainer.sample.chars=20",
     ]
 
@@ -93,6 +94,23 @@ def make_cfg(tmp_path: Path, text_file: Path):
                                                *overrides])
 
     return _make
+
+
+def run_cli(monkeypatch, capsys, tmp_path: Path, argv: list[str]) -> tuple[int, list[str], str]:
+    """`lesson7-train ARGV` in this process (what the console script calls), from tmp_path: (exit
+    code, stderr lines, stdout). It saves a subprocess's start (~10 s of CPU: torch, MLflow, Hydra)."""
+    from lesson7_sweeps.train import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lesson7-train", *argv])
+    capsys.readouterr()  # what the test's own setup printed
+    code = 0
+    try:
+        cli()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, err.strip().splitlines(), out
 
 
 @pytest.fixture(autouse=True)

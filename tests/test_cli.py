@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import make_text, tiny_overrides
+from .conftest import make_text, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +47,12 @@ def test_a_signal_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path, te
     assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
 
 
-def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Path):
+def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(monkeypatch, capsys, tmp_path: Path):
     """Two CPU runs are stopped during their second epoch, one by SIGKILL (it resumes from the last
     epoch-end checkpoint and replays the lost steps), one by SIGTERM (it saves a mid-epoch
     checkpoint: loader position, hidden state, RNGs). Both resume with resume=RUN_ID in the same
-    MLflow run and end with the same metrics, at the same steps, as a run never interrupted."""
+    MLflow run and end with the same metrics, at the same steps, as a run never interrupted. Only the
+    runs that are killed need a process of their own; the others run the same entry in this one."""
     text = tmp_path / "long.txt"
     text.write_text(make_text(20000), encoding="utf-8")
     # a new phase with a fresh optimizer starts at epoch 2: the SIGKILL run resumes from that boundary
@@ -65,14 +66,14 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
         return subprocess.Popen([sys.executable, "-m", "lesson7_sweeps.train", *args, *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
 
-    def finish(proc: subprocess.Popen) -> None:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    def finish(*extra: str) -> None:
+        code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*args, *extra])
+        assert code == 0, err[-20:]
 
     def run_named(name: str):
         return next(r for r in runs(tmp_path) if r.info.run_name == name)
 
-    finish(launch("tracking.run_name=straight", f"hydra.run.dir={tmp_path}/straight"))
+    finish("tracking.run_name=straight", f"hydra.run.dir={tmp_path}/straight")
     for signum in (signal.SIGKILL, signal.SIGTERM):
         name = signal.Signals(signum).name
         proc = launch(f"tracking.run_name={name}", f"hydra.run.dir={tmp_path}/{name}")
@@ -90,7 +91,7 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
         stopped = run_named(name)
         assert stopped.info.status == ("RUNNING" if signum == signal.SIGKILL else "KILLED")
         gone = ["force_resume=true"] if signum == signal.SIGKILL else []  # its heartbeat is fresh, its process gone
-        finish(launch(f"resume={stopped.info.run_id}", *gone, f"hydra.run.dir={tmp_path}/{name}-resumed"))
+        finish(f"resume={stopped.info.run_id}", *gone, f"hydra.run.dir={tmp_path}/{name}-resumed")
 
     assert sorted(r.info.run_name for r in runs(tmp_path)) == ["SIGKILL", "SIGTERM", "straight"]
     straight = run_named("straight")
@@ -101,31 +102,3 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path: Pat
             got = sorted((m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, key))
             want = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, key))
             assert got == want, (name, key)  # same steps, same values, no duplicates
-
-
-def test_parallel_trials_on_one_sqlite_store_lose_nothing(tmp_path: Path, text_file: Path):
-    """Three trials write to one sqlite store at once (as a parallel launcher runs them), after the
-    store and experiment were created once (what the multirun callback does)."""
-    from lesson7_sweeps.tracking import MlflowLogger
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowLogger(uri, "test", str(tmp_path / "artifacts"), None, heartbeat_s=30, stale_after_s=300).prepare()
-    procs = [subprocess.Popen([sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file),
-                               "trainer.log_every=1", f"seed={seed}", f"tracking.run_name=trial{seed}",
-                               f"hydra.run.dir={tmp_path}/trial{seed}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for seed in range(3)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-    client = MlflowClient(uri)
-    found = runs(tmp_path)
-    assert sorted(r.info.run_name for r in found) == ["trial0", "trial1", "trial2"]
-    written = 0
-    for run in found:
-        assert run.info.status == "FINISHED"
-        last = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert sorted(steps) == list(range(1, last + 1))  # every step once: none lost, none doubled
-        written += len(steps)
-    print(f"parallel trials: 3 runs, {written} train_loss values written, 0 lost")

@@ -15,24 +15,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lesson7_sweeps.train import cli
-
-from .conftest import make_text, tiny_overrides
+from .conftest import make_text, run_cli, tiny_overrides
 
 PREFIX = "lesson7-train: error: "
-
-
-def run_cli(monkeypatch, capsys, tmp_path: Path, argv: list[str]) -> tuple[int, list[str], str]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lesson7-train", *argv])
-    capsys.readouterr()  # what the test's own setup printed
-    code = 0
-    try:
-        cli()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, err.strip().splitlines(), out
 
 
 @pytest.fixture
@@ -121,19 +106,18 @@ def runs(uri: str, experiment: str = "test"):
     return [] if exp is None else client.search_runs([exp.experiment_id])
 
 
-@pytest.mark.slow
-def test_resume_extends_a_finished_run_when_epochs_are_raised(tmp_path: Path, text_file: Path):
-    args = [sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file), "trainer.epochs=1"]
-    first = subprocess.run([*args, f"hydra.run.dir={tmp_path}/a"], capture_output=True, text=True, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_resume_extends_a_finished_run_when_epochs_are_raised(monkeypatch, capsys, tmp_path: Path, text_file: Path):
+    args = [*tiny_overrides(tmp_path, text_file), "trainer.epochs=1"]
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*args, f"hydra.run.dir={tmp_path}/a"])
+    assert code == 0, err[-20:]
     (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     again = [*args, f"resume={run.info.run_id}", f"hydra.run.dir={tmp_path}/b"]
-    refused = subprocess.run(again, capture_output=True, text=True, cwd=tmp_path)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, again)
+    assert code == 2 and err[-1].startswith(
         f"{PREFIX}resume={run.info.run_id}: the run FINISHED its 1 epochs; to train it further, raise trainer.epochs")
-    extended = subprocess.run([*again, "trainer.epochs=2"], capture_output=True, text=True, cwd=tmp_path)
-    assert extended.returncode == 0, extended.stderr[-2000:]
-    assert "Downloading artifacts" not in extended.stderr and "%|" not in extended.stderr  # no progress bars
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*again, "trainer.epochs=2"])
+    assert code == 0, err[-20:]
+    assert not [line for line in err if "Downloading artifacts" in line or "%|" in line]  # no progress bars
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (after,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert after.info.status == "FINISHED" and after.data.tags["resume_overrides"] == "trainer.epochs=2"
