@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -150,33 +149,34 @@ def test_two_quick_ctrl_c_leave_the_run_killed(tmp_path: Path, text_file: Path):
 
 
 @pytest.mark.slow
-def test_any_exception_of_a_multirun_trial_gives_inf_and_a_failed_run(tmp_path: Path, text_file: Path):
+def test_any_exception_of_a_multirun_trial_gives_inf_and_a_failed_run(monkeypatch, capsys, tmp_path: Path,
+                                                                       text_file: Path):
     """A CUDA out-of-memory error cannot happen on the CPU, so the trial with seed=13 gets one from
     torch's own exception type, raised by the training step; the sweep must go on."""
-    wrapper = textwrap.dedent("""
-        import sys, torch
-        from lesson7_sweeps import runner, train
-        fit = runner.fit
-        def fit_or_oom(cfg, *args, **kwargs):
-            if cfg.seed == 13:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            return fit(cfg, *args, **kwargs)
-        runner.fit = fit_or_oom
-        sys.argv[0] = "lesson7-train"
-        train.cli()
-    """)
-    cmd = [sys.executable, "-c", wrapper, "-m", *tiny_overrides(tmp_path, text_file), "trainer.epochs=1",
-           "seed=13,14", f"hydra.sweep.dir={tmp_path}/multirun"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    import torch
+
+    from lesson7_sweeps import runner
+
+    fit = runner.fit
+
+    def fit_or_oom(cfg, *args, **kwargs):
+        if cfg.seed == 13:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return fit(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", fit_or_oom)
+    code, err, out = run_cli(monkeypatch, capsys, tmp_path, ["-m", *tiny_overrides(tmp_path, text_file),
+                                                             "trainer.epochs=1", "seed=13,14",
+                                                             f"hydra.sweep.dir={tmp_path}/multirun"])
+    assert code == 0, err[-20:]
     by_seed = {r.data.params["seed"]: r for r in runs(f"sqlite:///{tmp_path}/mlflow.db") if "seed" in r.data.params}
     assert by_seed["13"].info.status == "FAILED" and by_seed["14"].info.status == "FINISHED"
     assert by_seed["13"].data.tags["failure_reason"] == "CUDA out of memory. Tried to allocate 20.00 GiB"
-    assert "trial failed, objective +inf: OutOfMemoryError: CUDA out of memory" in proc.stdout + proc.stderr
+    assert "trial failed, objective +inf: OutOfMemoryError: CUDA out of memory" in "\n".join([out, *err])
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_and_the_run_can_be_repaired(tmp_path: Path):
+def test_a_full_disk_is_one_line_and_the_run_can_be_repaired(monkeypatch, capsys, tmp_path: Path):
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)]).returncode:
@@ -201,11 +201,11 @@ def test_a_full_disk_is_one_line_and_the_run_can_be_repaired(tmp_path: Path):
         (disk / "filler").unlink()
         (run,) = runs(uri)
         assert run.info.status == "RUNNING"
-        repair = [sys.executable, "-m", "lesson7_sweeps.train", "--mark-failed", run.info.run_id, "--tracking-uri", uri]
-        refused = subprocess.run(repair, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert refused.returncode == 2 and "is still training (its heartbeat is" in refused.stderr
-        done = subprocess.run([*repair, "--force"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert done.returncode == 0, done.stderr
+        repair = ["--mark-failed", run.info.run_id, "--tracking-uri", uri]
+        code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair)
+        assert code == 2 and "is still training (its heartbeat is" in err[-1], err
+        code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*repair, "--force"])
+        assert code == 0, err
         assert MlflowClient(uri).get_run(run.info.run_id).info.status == "FAILED"
     finally:
         subprocess.run(["umount", "--lazy", str(disk)])  # this process's sqlite engine may hold the file
