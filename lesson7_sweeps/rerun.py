@@ -7,8 +7,9 @@
 
 The run's config.yaml artifact (resolved) is read as data and rebuilt from this checkout's conf/
 options into a typed, validated config (`stored.rebuild_config`: nothing in it can choose code), the
-code version and the data are compared with the run's, and the new run (tagged `rerun_of`) goes to
-the same store. Its final metrics are printed next to the original's.
+code version and the data are compared with the run's, and the new run (tagged `rerun_of`, and
+`config_notes` when the rebuild upgraded or dropped settings) goes to the same store. Its final
+metrics are printed next to the original's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from lesson7_sweeps.checkpoint import interrupt_signal
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.runner import TrainingDiverged
-from lesson7_sweeps.stored import apply_overrides, default_uri, read_run, rebuild_config
+from lesson7_sweeps.stored import apply_overrides, default_uri, notes_tag, read_run, rebuild_config
 from lesson7_sweeps.tracking import git_tags
 from lesson7_sweeps.train import train_run
 
@@ -84,8 +85,8 @@ def rerun(args: argparse.Namespace) -> None:
     fingerprint = run.data.params.get("dataset.fingerprint")
     if fingerprint is None and not args.force:
         print(f"{PROG}: warning: the run recorded no dataset.fingerprint; the data cannot be checked", file=sys.stderr)
-    outcome = train_run(cfg, tags={"rerun_of": args.run_id, "rerun_overrides": " ".join(args.overrides)},
-                        expect_data=None if args.force else fingerprint)
+    tags = {"rerun_of": args.run_id, "rerun_overrides": " ".join(args.overrides), **notes_tag(notes)}
+    outcome = train_run(cfg, tags=tags, expect_data=None if args.force else fingerprint)
     new = client.get_run(outcome.run_id)
     if fingerprint is not None and new.data.params.get("dataset.fingerprint") != fingerprint:
         print(f"{PROG}: warning: the rerun trained on other data than the run (--force)", file=sys.stderr)

@@ -31,6 +31,7 @@ class Plan(NamedTuple):
     cfg: DictConfig  # the run's config, with the safe overrides applied
     checkpoint: str  # what to continue from: last.pt, or final.pt to extend a FINISHED run
     overrides: list[str]  # the overrides applied (tagged on the run)
+    notes: list[str]  # what rebuilding the stored config changed (tagged on the run)
 
 
 def changed_overrides(cfg: DictConfig, run_cfg: DictConfig, run_tags: dict[str, str],
@@ -80,9 +81,9 @@ def plan(cfg: DictConfig, overrides: list[str]) -> Plan:
     run_cfg.tracking.uri = cfg.tracking.uri
     validate(run_cfg)
     if status != "FINISHED":
-        return Plan(run_cfg, "last.pt", changed)
+        return Plan(run_cfg, "last.pt", changed, notes)
     if run_cfg.trainer.epochs <= epochs:
         raise UserError(f"resume={cfg.resume}: the run FINISHED its {epochs} epochs; to train it further, raise "
                         f"trainer.epochs (e.g. trainer.epochs={epochs * 2}), or rerun it with lesson7-rerun")
     log.info("extending the FINISHED run %s from %d to %d epochs", cfg.resume, epochs, run_cfg.trainer.epochs)
-    return Plan(run_cfg, "final.pt", changed)
+    return Plan(run_cfg, "final.pt", changed, notes)

@@ -7,16 +7,17 @@ rebuilt from this checkout's conf/ (`rebuild_config`): per group, the option who
 exactly the stored one, with the stored values merged onto its typed schema. A Hydra key
 (`_target_`, `_partial_`, `_args_`, ...) anywhere but where the chosen option has it, with that
 option's value, is refused; so is a node where the schema has a scalar (the schema's types and
-`config.validate` check every value). Nothing is instantiated here.
+`config.validate` check every value). Nothing is instantiated here. Configs that older released
+versions wrote are first upgraded, by a fixed table of exact old shapes (`upgrade_legacy`).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -103,6 +104,67 @@ def _pick_option(group: str, node: Any, preferred: list[str | None]) -> str:
     raise _refused(f"{group}._target_", target)
 
 
+# --- configs of older versions ------------------------------------------------------------------
+# bfd5977 (after the releases ee16b29 and 8bb25d1) changed the schema of these keys. Each rule maps
+# one exact old shape (a bool, a missing key) to the current value that trains as the old code did;
+# any other shape is left to rebuild_config's checks. A rule only ever writes its constant.
+
+_ABSENT = object()  # the old shape "the key is not there"
+
+
+def _data_node(tree: dict) -> list[tuple[str, dict]]:
+    node = tree.get("data")
+    return [("data", node)] if isinstance(node, dict) else []
+
+
+def _phase_nodes(tree: dict) -> list[tuple[str, dict]]:
+    schedule = tree.get("schedule")
+    phases = schedule.get("phases") if isinstance(schedule, dict) else None
+    if not isinstance(phases, list):
+        return []
+    return [(f"schedule.phases[{i}]", p) for i, p in enumerate(phases) if isinstance(p, dict)]
+
+
+class Rule(NamedTuple):
+    nodes: Callable[[dict], list[tuple[str, dict]]]  # where the key lives: [(path, node), ...]
+    key: str
+    old: Any  # the old shape, compared by identity: `tta: 1` is no `tta: true`
+    new: Any  # the current value that trains as the old code did
+    why: str
+    applies: Callable[[dict], bool] = lambda node: True
+
+
+LEGACY_RULES = [
+    Rule(_data_node, "tta", True, "views", "identity, flip, 2-pixel shifts: what tta=true averaged"),
+    Rule(_data_node, "tta", False, "none", "no val_accuracy_tta, as tta=false"),
+    Rule(_data_node, "valid_from_line", _ABSENT, None, "the valid_frac cut, the old code's only split",
+         applies=lambda node: "valid_frac" in node),  # text data
+    Rule(_phase_nodes, "reset_optimizer", _ABSENT, False, "the old code kept one optimizer for all phases"),
+    Rule(_phase_nodes, "warmup", _ABSENT, "cycle", "the old per-cycle warm-up",
+         applies=lambda node: node.get("kind") == "sgdr"),
+]
+
+
+def _yaml_scalar(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def upgrade_legacy(tree: dict) -> list[str]:
+    """Upgrade, in place, the settings of a plain config `tree` that have the shape an older released
+    version wrote (LEGACY_RULES); one line per rule applied, e.g. 'schedule.phases[1].warmup -> cycle
+    (the old per-cycle warm-up)'."""
+    notes = []
+    for rule in LEGACY_RULES:
+        changed = []
+        for path, node in rule.nodes(tree):
+            if node.get(rule.key, _ABSENT) is rule.old and rule.applies(node):
+                node[rule.key] = rule.new
+                changed.append(f"{path}.{rule.key}" + ("" if rule.old is _ABSENT else f"={_yaml_scalar(rule.old)}"))
+        if changed:
+            notes.append(f"{', '.join(changed)} -> {_yaml_scalar(rule.new)} ({rule.why})")
+    return notes
+
+
 def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False) -> tuple[DictConfig, list[str]]:
     """The typed, validated config of a run, from its resolved config.yaml and its tags; and warnings.
 
@@ -120,8 +182,10 @@ def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False
     A stored key the current schema lacks means the code changed since the run: ConfigError naming
     it, or with `force` a warning and the key is dropped. Keys new since the run keep today's
     defaults (a warning names them). Top-level keys the run appended (`+lr_find=true` in its
-    `hydra_overrides` tag) are kept."""
+    `hydra_overrides` tag) are kept. A config of an older version is upgraded first (a note names
+    every change)."""
     stored_tree = OmegaConf.to_container(stored)
+    upgraded = upgrade_legacy(stored_tree)
     with _composing():
         defaults = compose("train", return_hydra_config=True).hydra.runtime.choices
         choices = [f"{g}={_pick_option(g, stored_tree.get(g), [tags.get(f'choice.{g}'), defaults.get(g)])}"
@@ -147,7 +211,7 @@ def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False
         if not isinstance(value, (str, int, float, bool)) or "[" in key:
             raise ConfigError(f"{key}={value!r}: a key appended with '+' may only hold a plain value")
     unknown = [k for k in only_in(stored_nodes, base_nodes) if k not in appended]
-    notes = []
+    notes = [f"upgraded from an older version: {'; '.join(upgraded)}"] if upgraded else []
     if unknown and not force:
         raise ConfigError(f"{', '.join(unknown)}: not a setting of the current code (it changed since the run); "
                           f"use --force to drop it from the rerun")
@@ -168,6 +232,11 @@ def rebuild_config(stored: DictConfig, tags: dict[str, str], force: bool = False
         raise ConfigError(f"{key}: the run's value does not fit the current schema: {_first_line(e)}") from None
     validate(cfg)
     return cfg, notes
+
+
+def notes_tag(notes: list[str]) -> dict[str, str]:
+    """The run tag that records rebuild_config's notes (an upgrade, dropped keys, new defaults)."""
+    return {"config_notes": " / ".join(notes)} if notes else {}
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:

@@ -168,7 +168,7 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
         try:
             if resume is not None:
                 start = logger.resume(resume, Path(tmp), checkpoint, load)
-                if tags:  # the overrides a resume applied: the run's config.yaml says what it trains now
+                if tags:  # overrides or a config upgrade a resume applied: config.yaml says what it trains now
                     logger.set_tags(tags)
                     logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             else:
@@ -216,10 +216,11 @@ def resume_run(cfg: DictConfig) -> float:
     """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
     with the run's own config (rebuilt from its artifacts as data), from its last checkpoint."""
     from lesson7_sweeps.resume import plan  # MLflow's import: only when resuming
+    from lesson7_sweeps.stored import notes_tag
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    run_cfg, checkpoint, changed = plan(cfg, overrides)
-    tags = {"resume_overrides": " ".join(changed)} if changed else None
+    run_cfg, checkpoint, changed, notes = plan(cfg, overrides)
+    tags = {**({"resume_overrides": " ".join(changed)} if changed else {}), **notes_tag(notes)} or None
     return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
