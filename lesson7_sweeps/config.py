@@ -400,8 +400,9 @@ def validate(cfg: DictConfig) -> None:
             OmegaConf.to_object(cfg[group])  # builds the dataclasses, which runs their __post_init__
         except OmegaConfBaseException as e:
             msg = str(e).splitlines()[0]
-            key = getattr(e, "full_key", None)
-            raise ConfigError(f"{group}.{key}: {msg}" if key else f"{group}: {msg}") from None
+            key = getattr(e, "full_key", None) or ""
+            key = key if key.startswith(f"{group}.") else f"{group}.{key}" if key else group  # from the root or not
+            raise ConfigError(f"{key}: {msg}") from None
     kind = data_kind(cfg)
     rnn = OmegaConf.get_type(cfg.model) is RNNModelConfig
     if rnn != (kind == "text"):
