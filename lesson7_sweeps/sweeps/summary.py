@@ -121,7 +121,9 @@ def plots(summary: Summary, out: Path) -> list[Path]:
         return []
     axes_values = {name: _axis(done[name]) for name in summary.swept}
 
-    fig, axs = plt.subplots(1, len(summary.swept), figsize=(4 * len(summary.swept), 3.5), squeeze=False)
+    # constrained layout makes room for the title and rotated ticks (tight_layout gives up on one panel)
+    fig, axs = plt.subplots(1, len(summary.swept), figsize=(max(6, 4 * len(summary.swept)), 3.8), squeeze=False,
+                            layout="constrained")
     for ax, name in zip(axs[0], summary.swept):
         x, ticks = axes_values[name]
         ax.scatter(x, done["objective"], color="tab:blue")
@@ -129,7 +131,6 @@ def plots(summary: Summary, out: Path) -> list[Path]:
             ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
         ax.set(xlabel=name, ylabel="objective")
     fig.suptitle(f"objective ({summary.direction}) vs each swept parameter")
-    fig.tight_layout()
     fig.savefig(out / "objective_vs_params.png", dpi=100)
     plt.close(fig)
 
@@ -138,7 +139,7 @@ def plots(summary: Summary, out: Path) -> list[Path]:
     names = [*summary.swept, "objective"]
     columns = {**axes_values, "objective": _axis(done["objective"])}
     scaled = {n: _scale(columns[n][0]) for n in names}
-    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 1, 4))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 1), 4), layout="constrained")
     cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
     norm = matplotlib.colors.Normalize(done["objective"].min(), done["objective"].max())
     for i, value in enumerate(done["objective"]):
@@ -153,7 +154,6 @@ def plots(summary: Summary, out: Path) -> list[Path]:
     ax.set_yticks([])
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
     ax.set_title("trials across the swept parameters (colour: objective)")
-    fig.tight_layout()
     fig.savefig(out / "parallel_coordinates.png", dpi=100)
     plt.close(fig)
     return [out / "objective_vs_params.png", out / "parallel_coordinates.png"]
