@@ -99,6 +99,18 @@ def test_plots_draw_numeric_and_categorical_parameters(tmp_path: Path):
     assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 10_000 for p in paths)
 
 
+def test_plots_of_a_sweep_with_one_finished_trial_lay_out_without_warnings(tmp_path: Path):
+    import warnings
+
+    import pandas as pd
+
+    table = pd.DataFrame({"seed": [13, 14], "objective": [None, 1.7], "status": ["FAILED", "FINISHED"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when the layout collapses
+        paths = plots(Summary("p", "t", table, ["seed"], "minimize"), tmp_path)
+    assert len(paths) == 2 and all(p.stat().st_size > 10_000 for p in paths)
+
+
 # --- real multiruns ----------------------------------------------------------------------------
 
 

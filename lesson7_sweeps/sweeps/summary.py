@@ -141,17 +141,21 @@ def plots(summary: Summary, out: Path) -> list[Path]:
     scaled = {n: _scale(columns[n][0]) for n in names}
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 1), 4), layout="constrained")
     cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
-    norm = matplotlib.colors.Normalize(done["objective"].min(), done["objective"].max())
+    lo, hi = done["objective"].min(), done["objective"].max()
+    if lo == hi:  # one finished trial (or all equal): the colour bar still needs a range
+        lo, hi = lo - (abs(lo) * 0.05 or 1), hi + (abs(hi) * 0.05 or 1)
+    norm = matplotlib.colors.Normalize(lo, hi)
     for i, value in enumerate(done["objective"]):
         ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(value)), alpha=0.8)
     for j, n in enumerate(names):
         ax.axvline(j, color="grey", lw=0.8)
         x, ticks = columns[n]
-        labels = ticks if ticks is not None else [f"{min(x):.4g}", f"{max(x):.4g}"]
+        labels = ticks if ticks is not None else list(dict.fromkeys([f"{min(x):.4g}", f"{max(x):.4g}"]))
         for label, y in zip(labels, _scale(range(len(labels)))):
             ax.text(j + 0.03, y, str(label), fontsize=8, va="center")
     ax.set_xticks(range(len(names)), names)
-    ax.set_yticks([])
+    # the scaled axes and their labels, also when every line is flat (one trial)
+    ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.1, len(names) - 0.7))
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
     ax.set_title("trials across the swept parameters (colour: objective)")
     fig.savefig(out / "parallel_coordinates.png", dpi=100)
