@@ -401,7 +401,8 @@ def validate(cfg: DictConfig) -> None:
         except OmegaConfBaseException as e:
             msg = str(e).splitlines()[0]
             key = getattr(e, "full_key", None) or ""
-            key = key if key.startswith(f"{group}.") else f"{group}.{key}" if key else group  # from the root or not
+            if not key.startswith(f"{group}."):  # OmegaConf gives it from the root, or from the group
+                key = f"{group}.{key}" if key else group
             raise ConfigError(f"{key}: {msg}") from None
     kind = data_kind(cfg)
     rnn = OmegaConf.get_type(cfg.model) is RNNModelConfig

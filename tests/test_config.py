@@ -44,6 +44,13 @@ def test_impossible_values_are_one_line_errors_naming_the_key(override: str, key
     assert "\n" not in msg and msg.startswith(f"{key}=")
 
 
+def test_a_missing_setting_inside_a_group_is_named_once():
+    cfg = composed("schedule=sgdr")
+    cfg.schedule.phases[0].reset_optimizer = "???"  # OmegaConf's MISSING, as a stored config without the key
+    with pytest.raises(ConfigError, match=r"^schedule\.phases\[0\]\.reset_optimizer: .*missing mandatory value"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize(("argv", "fragments"), [
     (["model.foo=1"], ["model.foo", "Key 'foo' not in"]),
     (["model=nosuch"], ["model/nosuch", "choose one of convbnnet, convbnnet2, convnet, convnet2, gru, lstm, "

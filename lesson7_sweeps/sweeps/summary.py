@@ -150,7 +150,8 @@ def plots(summary: Summary, out: Path) -> list[Path]:
     for j, n in enumerate(names):
         ax.axvline(j, color="grey", lw=0.8)
         x, ticks = columns[n]
-        labels = ticks if ticks is not None else list(dict.fromkeys([f"{min(x):.4g}", f"{max(x):.4g}"]))
+        ends = [f"{min(x):.4g}", f"{max(x):.4g}"]
+        labels = ticks if ticks is not None else ends[:1] if ends[0] == ends[1] else ends
         for label, y in zip(labels, _scale(range(len(labels)))):
             ax.text(j + 0.03, y, str(label), fontsize=8, va="center")
     ax.set_xticks(range(len(names)), names)
