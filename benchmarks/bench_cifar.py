@@ -74,7 +74,7 @@ def plain(args: argparse.Namespace, seed: int) -> float:
     """Images per second of a minimal loop: same model and optimizer, a torchvision DataLoader."""
     cfg = config(args, seed)
     torch.manual_seed(seed)
-    arrays = load_cifar(args.root, args.cache_dir)
+    arrays = load_cifar(args.root, args.cache_dir, max_bytes=2**30)
     augment = transforms.Compose([
         transforms.ToPILImage(),
         transforms.RandomCrop(32, padding=cfg.data.pad, padding_mode="reflect"),
@@ -120,7 +120,7 @@ def main() -> None:
     if not (Path(CONF_DIR) / f"experiment/lesson7_{args.model}.yaml").is_file():
         ap.error(f"--model {args.model}: no preset conf/experiment/lesson7_{args.model}.yaml")
     bs = config(args, seed=0).data.bs
-    n_batches = len(load_cifar(args.root, args.cache_dir).train_y) // bs  # decodes once into the cache
+    n_batches = len(load_cifar(args.root, args.cache_dir, max_bytes=2**30).train_y) // bs  # decodes once into the cache
     if not 1 <= args.steps <= n_batches:
         ap.error(f"--steps must be between 1 and {n_batches} (one epoch at bs {bs})")
     def runner(seed: int) -> float:

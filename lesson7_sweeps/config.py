@@ -67,9 +67,11 @@ class TextDataConfig:
     bs: int = MISSING
     bptt: int = MISSING
     random_bptt: bool = MISSING
+    max_bytes: int = MISSING  # the most bytes of text read; anything but regular files is refused
 
     def __post_init__(self) -> None:
         _check(self.bs >= 1, "data.bs", self.bs, "the batch size must be >= 1")
+        _check(self.max_bytes >= 1, "data.max_bytes", self.max_bytes, "must be >= 1 byte")
         _check(self.bptt >= 1, "data.bptt", self.bptt, "the BPTT length must be >= 1")
         _check(self.min_freq >= 1, "data.min_freq", self.min_freq, "must be >= 1")
         _check(0 < self.valid_frac < 1, "data.valid_frac", self.valid_frac, "must be in (0, 1)")
@@ -91,9 +93,11 @@ class CifarDataConfig:
     crop: bool = MISSING
     flip: bool = MISSING
     tta: str = MISSING
+    max_bytes: int = MISSING  # the most bytes read: source files, an archive's images, the decoded cache
 
     def __post_init__(self) -> None:
         _check(self.bs >= 1, "data.bs", self.bs, "the batch size must be >= 1")
+        _check(self.max_bytes >= 1, "data.max_bytes", self.max_bytes, "must be >= 1 byte")
         _check(self.tta in TTA_MODES, "data.tta", self.tta, f"use one of {'|'.join(TTA_MODES)}")
         _check(self.stats in ("lesson", "compute"), "data.stats", self.stats, "use lesson or compute")
         _check(self.pad >= 0, "data.pad", self.pad, "must be >= 0 pixels")
@@ -308,8 +312,9 @@ class TrainerConfig:
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
         _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")
-        _check(self.sample.temperature >= 0, "trainer.sample.temperature", self.sample.temperature,
-               "must be >= 0 (0 = greedy)")
+        # below ~1e-37 the scaled log-probabilities overflow to inf; long before that sampling is greedy
+        _check(self.sample.temperature == 0 or self.sample.temperature >= 1e-3, "trainer.sample.temperature",
+               self.sample.temperature, "use 0 (greedy) or a temperature >= 0.001")
         f = self.lr_finder
         _check(0 < f.start_lr < f.end_lr, "trainer.lr_finder.start_lr", f.start_lr, "need 0 < start_lr < end_lr")
         _check(f.num_steps >= 2, "trainer.lr_finder.num_steps", f.num_steps, "must be >= 2")
@@ -410,6 +415,9 @@ def validate(cfg: DictConfig) -> None:
         fits = "model=rnn, gru or lstm" if kind == "text" else "an image model (model=simplenet, ..., resnet2)"
         raise ConfigError(f"model._target_={cfg.model._target_} is {'a text' if rnn else 'an image'} model but "
                           f"data._target_={cfg.data._target_} is {kind} data; pick {fits} for this data")
+    sample = cfg.trainer.sample
+    _check(kind != "text" or sample.chars == 0 or sample.prompt != "", "trainer.sample.prompt", sample.prompt,
+           "a sample continues a prompt: give one of at least one character, or trainer.sample.chars=0")
     metrics = [m for m in DATA_METRICS[kind] if m != "val_accuracy_tta" or cfg.data.tta != "none"]
     _check(cfg.objective in metrics, "objective", cfg.objective,
            f"{kind} data{' with data.tta=none' if kind == 'image' else ''} reports only {', '.join(metrics)}")

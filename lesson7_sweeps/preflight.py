@@ -2,16 +2,22 @@
 any, with one-line errors.
 
 Hydra reports a bad override as several lines (and exits 1) and only once the job has started;
-a sweep with one bad value would fail half-way. Here each value of each sweep override is
-composed with Hydra's own `compose()` and checked by `config.validate`, so `lesson7-train -m
-optim.lr=1e-3,-1` stops at once with `optim.lr=-1 is invalid: ...` and exit code 2.
+a sweep with one bad value would fail half-way. Here the values of each sweep override that stand
+for all of them are composed with Hydra's own `compose()` and checked by `config.validate`, so
+`lesson7-train -m optim.lr=1e-3,-1` stops at once with `optim.lr=-1 is invalid: ...` and exit code
+2, and `data.bptt=range(1,501)` costs two configs, not 500. Settings that one sweep cannot vary
+(`NOT_SWEPT`) and an Optuna sweeper's settings and search space are refused here too, before any
+store or run exists.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -19,19 +25,45 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.config import validate
 from lesson7_sweeps.errors import ConfigError
+from lesson7_sweeps.sweeps.optuna_study import is_optuna_sweep
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# a sweep compares its trials by one objective, and finds them in one store and experiment
+NOT_SWEPT = ("objective", "tracking", "tracking.uri", "tracking.experiment")
+
+
+def _representatives(values: list[Any]) -> list[int]:
+    """Which of a sweep's values stand for all: every numeric check of the schemas is an interval, so
+    the smallest and the largest number of each type do; any other value stands for itself."""
+    numbers: dict[type, list[int]] = {}
+    others: dict[str, int] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers.setdefault(type(v), []).append(i)
+        else:
+            others.setdefault(str(v), i)
+    ends = [i for group in numbers.values() for i in (min(group, key=values.__getitem__),
+                                                      max(group, key=values.__getitem__))]
+    return sorted(set(ends) | set(others.values()))
 
 
 def _values(o: Override) -> list[str]:
-    """The override as plain `key=value` strings, one per value of a sweep (intervals: none)."""
+    """The override as plain `key=value` strings: for a sweep, the values that stand for all of them
+    (`_representatives`; a range's two ends, never enumerated); intervals: none."""
     key = o.get_key_element()
     if not o.is_sweep_override():
         return [o.input_line]
-    try:
-        return [f"{key}={v}" for v in o.sweep_string_iterator()]
-    except Exception:  # interval() sweeps (e.g. for Optuna) have no finite list of values
+    value = o.value()
+    if isinstance(value, IntervalSweep):  # (for Optuna) no finite list of values
         return []
+    if isinstance(value, RangeSweep):
+        n = math.ceil((value.stop - value.start) / value.step)
+        return [f"{key}={value.start + i * value.step}" for i in dict.fromkeys((0, n - 1)) if n > 0]
+    try:
+        typed, strings = list(o.sweep_iterator()), list(o.sweep_string_iterator())
+    except Exception:  # a glob() of group options: left to Hydra
+        return []
+    return [f"{key}={strings[i]}" for i in _representatives(typed)]
 
 
 def variants(overrides: list[str]) -> list[list[str]]:
@@ -40,7 +72,11 @@ def variants(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:  # the grammar's message does not repeat the override
         raise ConfigError(f"{getattr(e, 'override', '')}: {_one_line(e)}") from None
-    parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    parsed = [o for o in parsed if not _is_hydra(o.get_key_element())]
+    for o in parsed:
+        if o.is_sweep_override() and o.key_or_group.lstrip("+~") in NOT_SWEPT:
+            raise ConfigError(f"{o.input_line}: one sweep compares its trials by one objective, in one store and "
+                              f"experiment; run a sweep for each value instead")
     choices = [_values(o) for o in parsed]
     base = [vals[0] for vals in choices if vals]
     out = [base]
@@ -66,13 +102,24 @@ def _one_line(e: Exception) -> str:
 
 
 def _sweeper_params(config_name: str, overrides: list[str]) -> list[str]:
-    """A sweep preset's `hydra.sweeper.params` as overrides, for the keys the command line leaves alone."""
+    """A sweep preset's `hydra.sweeper.params` as overrides, for the keys the command line leaves
+    alone; an Optuna sweeper's settings and search space are checked on the way."""
     try:
-        hc = compose(config_name, overrides=variants(overrides)[0], return_hydra_config=True).hydra
+        hydra_overrides = [o for o in overrides if _is_hydra(o)]  # hydra/sweeper=optuna, hydra.sweeper.*
+        cfg = compose(config_name, overrides=variants(overrides)[0] + hydra_overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException):
         return []  # composing each variant reports it
+    hc = cfg.hydra
+    if is_optuna_sweep(hc.sweeper):
+        from lesson7_sweeps.sweeps.optuna_study import check_optuna  # optuna: only for its sweeps
+
+        check_optuna(hc.sweeper, hc.launcher, cfg.objective, [o for o in overrides if not _is_hydra(o)])
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items() if k not in given]
+
+
+def _is_hydra(override: str) -> bool:
+    return override.lstrip("+~").startswith("hydra")
 
 
 def preflight(argv: list[str], config_dir: str, config_name: str) -> None:

@@ -22,6 +22,7 @@ from lesson7_sweeps.checkpoint import interrupt_signal
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.runner import TrainingDiverged
 from lesson7_sweeps.stored import apply_overrides, default_uri, notes_tag, read_run, rebuild_config
+from lesson7_sweeps.sweeps.names import printable
 from lesson7_sweeps.tracking import git_tags
 from lesson7_sweeps.train import train_run
 
@@ -54,13 +55,13 @@ def comparison(original: dict[str, float], rerun: dict[str, float]) -> str:
     for name in names:
         a, b = original[name], rerun[name]
         diff = "(timing)" if name in TIMING_METRICS else "0" if a == b else f"{b - a:+.3g}"
-        rows.append((name, repr(a), repr(b), diff))
+        rows.append((printable(name), repr(a), repr(b), diff))  # a metric's name is the store's data
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
     compared = [n for n in names if n not in TIMING_METRICS]
     differ = [n for n in compared if original[n] != rerun[n]]
     timing = [n for n in names if n in TIMING_METRICS]
-    verdict = (f"{len(differ)} of {len(compared)} final metrics differ: {', '.join(differ)}" if differ
+    verdict = (f"{len(differ)} of {len(compared)} final metrics differ: {printable(', '.join(differ))}" if differ
                else f"all {len(compared)} final metrics are identical")
     lines.append(verdict + (f" (timing, not compared: {', '.join(timing)})" if timing else ""))
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def plan(cfg: DictConfig, overrides: list[str]) -> Plan:
                         f"force_resume=true if it is gone")
     changed = changed_overrides(cfg, run_cfg, run.data.tags, overrides)
     apply_overrides(run_cfg, changed)
-    run_cfg.tracking.uri = cfg.tracking.uri
+    run_cfg.tracking.uri, run_cfg.force_resume = cfg.tracking.uri, cfg.force_resume  # which run, and how to take it
     validate(run_cfg)
     if status != "FINISHED":
         return Plan(run_cfg, "last.pt", changed, notes)

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 HEARTBEAT_TAG = "heartbeat"  # unix time of the run's last sign of life, while it trains
+LEASE_TAG = "resume_lease"  # "<token> <unix time>": the process taking a stopped run over (resume=)
+# a rival resume writes its lease within this after it read the run (a few store requests), so after
+# writing ours and waiting this long, the lease we read back is the one that won
+LEASE_SETTLE_S = 1.0
 SQLITE_HEADER = b"SQLite format 3\0"
 
 
@@ -33,7 +38,8 @@ class Logger(Protocol):
     def check(self) -> None: ...
     def prepare(self) -> object: ...
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
-    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T: ...
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T],
+               force: bool = False) -> T: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -56,7 +62,8 @@ class NullLogger:
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         pass
 
-    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T:
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T],
+               force: bool = False) -> T:
         raise UserError(f"resume={run_id} needs a tracking store to find the run in; drop tracking=none")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -137,14 +144,14 @@ class MlflowLogger:
                 raise
             return exp.experiment_id
 
-    def check(self) -> None:
+    def check(self, writing: bool = True) -> None:
         """A server must answer one GET of its /health (with the user's MLflow credentials and TLS
-        settings); an sqlite store must be an SQLite file or creatable in a writable folder; any
-        store that exists must open, and its experiment of our name must not be deleted. Creates
-        nothing."""
+        settings); an sqlite store must be an SQLite file (writable unless only `reading`) or
+        creatable in a writable folder; any store that exists must open, and its experiment of our
+        name must not be deleted. Creates nothing."""
         if self.uri.startswith(("http://", "https://")):
             self._probe_server()
-        elif self.uri.startswith("sqlite:") and not self._check_sqlite():
+        elif self.uri.startswith("sqlite:") and not self._check_sqlite(writing):
             return  # a new store: nothing to open yet
         self._check_experiment()
 
@@ -192,11 +199,13 @@ class MlflowLogger:
         self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
         self._monitor.start()
 
-    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T]) -> T:
-        """Continue run `run_id`: download `checkpoints/<checkpoint>` into `dest` (None if the run died
-        before its first one), hand it to `load` (which raises if it is unusable), and only then
-        mark the run RUNNING again; returns what `load` returned. A resumed run replays the steps
-        after that checkpoint; values it had already logged for those steps are not logged twice."""
+    def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T],
+               force: bool = False) -> T:
+        """Continue run `run_id`: take it over (`take_lease`; `force` even from a resume that looks
+        alive), download `checkpoints/<checkpoint>` into `dest` (None if the run died before its first
+        one), hand it to `load` (which raises if it is unusable), and only then mark the run RUNNING
+        again; returns what `load` returned. A resumed run replays the steps after that checkpoint;
+        values it had already logged for those steps are not logged twice."""
         from mlflow.exceptions import MlflowException
 
         self.prepare()
@@ -204,13 +213,18 @@ class MlflowLogger:
             run = self.client.get_run(run_id)
         except MlflowException:
             raise UserError(f"resume={run_id}: no such run in {self.uri}; check the run id and tracking.uri") from None
-        logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in run.data.metrics}
-        names = {a.path for a in self.client.list_artifacts(run_id, "checkpoints")}
-        path = None
-        if f"checkpoints/{checkpoint}" in names:
-            with quiet_downloads():
-                path = Path(self.client.download_artifacts(run_id, f"checkpoints/{checkpoint}", str(dest)))
-        state = load(path)  # a damaged checkpoint stops here, with the run as it was
+        self.take_lease(run, force)
+        try:
+            logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in run.data.metrics}
+            names = {a.path for a in self.client.list_artifacts(run_id, "checkpoints")}
+            path = None
+            if f"checkpoints/{checkpoint}" in names:
+                with quiet_downloads():
+                    path = Path(self.client.download_artifacts(run_id, f"checkpoints/{checkpoint}", str(dest)))
+            state = load(path)  # a damaged checkpoint stops here, with the run as it was
+        except BaseException:
+            self.client.delete_tag(run_id, LEASE_TAG)  # refused: the next resume need not wait for us
+            raise
         _quiet_store_errors()
         self._beat = time.time()
         self.client.set_tag(run_id, HEARTBEAT_TAG, str(int(self._beat)))
@@ -218,6 +232,39 @@ class MlflowLogger:
         self.run_id, self._logged = run_id, logged
         log.info("resuming MLflow run %s from %s", run_id, f"checkpoints/{checkpoint}" if path else "the start")
         return state
+
+    def take_lease(self, run: Any, force: bool) -> None:
+        """Take the stopped run `run` over, or refuse in one line: MLflow has no compare-and-set, so
+        write our lease tag, wait LEASE_SETTLE_S for a rival's write to land, and read it back; the
+        lease read then is the winner's. A rival's lease counts while it is younger than
+        tracking.stale_after_s and the run has not ended since (unless `force`: its process is gone)."""
+        run_id = run.info.run_id
+
+        def holder(r: Any) -> tuple[str, float]:
+            token, _, when = r.data.tags.get(LEASE_TAG, "").partition(" ")
+            try:
+                return token, float(when)
+            except ValueError:  # none, or not ours to read
+                return "", 0.0
+
+        before, when = holder(run)
+        age = time.time() - when
+        ended_since = (run.info.end_time or 0) / 1000 > when
+        if not force and age < self.stale_after_s and not ended_since:
+            raise UserError(f"resume={run_id}: another process is taking this run over (its resume began {age:.0f} s "
+                            f"ago); let it, or add force_resume=true if that process is gone")
+        token, failed = uuid.uuid4().hex, None
+        try:
+            self.client.set_tag(run_id, LEASE_TAG, f"{token} {time.time()}")
+        except Exception as e:  # sqlite refuses the second of two inserts of a new tag at once (UNIQUE)
+            failed = e
+        time.sleep(LEASE_SETTLE_S)
+        now = holder(self.client.get_run(run_id))[0]
+        if failed is not None and now == before:  # no rival wrote: the store itself failed
+            raise self._store_error(failed)
+        if now != token:
+            raise UserError(f"resume={run_id}: another process took this run over at the same moment; it continues "
+                            f"the run")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -289,7 +336,7 @@ class MlflowLogger:
         from mlflow import MlflowClient
         from mlflow.entities import ViewType
 
-        self.check()
+        self.check(writing=False)
         client = MlflowClient(self.uri)
         if all_experiments:
             ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
@@ -343,7 +390,8 @@ class MlflowLogger:
             return True
         msg = (f"MLflow at {self.uri} failed ({_root_cause(error)}): run {self.run_id} is left RUNNING "
                f"instead of {status} and {lost} of its metric values were not written; once the store "
-               f"works again, end it with: lesson7-train --mark-failed {self.run_id} --tracking-uri {self.uri}")
+               f"works again, end it with: lesson7-train --mark-failed {self.run_id} --tracking-uri {self.uri} "
+               f"--force")  # --force: this process, which owned the run, has stopped training it
         if status != "FINISHED":
             log.error(msg)
             return False
@@ -355,7 +403,7 @@ class MlflowLogger:
         return UserError(f"tracking.uri={self.uri}: the MLflow store cannot be used ({_root_cause(e)}); point "
                          f"tracking.uri at a writable sqlite:///ABS/PATH/mlflow.db or a running server")
 
-    def _check_sqlite(self) -> bool:
+    def _check_sqlite(self, writing: bool) -> bool:
         """An sqlite URI names an SQLite file, or a new file in a writable folder; whether it exists."""
         path = Path(self.uri.removeprefix("sqlite:///")).expanduser()
         if not self.uri.startswith("sqlite:///") or str(path) in ("", ".", ":memory:"):
@@ -365,7 +413,7 @@ class MlflowLogger:
             if path.is_dir() or header not in (SQLITE_HEADER, b""):
                 raise UserError(f"tracking.uri={self.uri}: {path} is not an SQLite database; point tracking.uri "
                                 f"at an MLflow store or at a new file")
-            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            if writing and (not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK)):
                 raise UserError(f"tracking.uri={self.uri}: {path} is not writable; fix its permissions or use "
                                 f"another store")
             return header == SQLITE_HEADER

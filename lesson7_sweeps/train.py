@@ -149,13 +149,10 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
         if path is None and checkpoint == "final.pt":
             raise CheckpointError(f"resume={resume}: the run kept no final checkpoint (trainer.checkpoints=false), "
                                   f"so it cannot be extended")
-        state = ckpt.load_verified(path, device) if path is not None else None
-        try:
-            if state is not None:
-                model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoints/{path.name} does not fit this model "
-                                  f"({str(e).splitlines()[0]})") from None
+        if path is None:
+            return None
+        state = ckpt.load_verified(path)
+        ckpt.restore(state, f"checkpoints/{path.name}", model, optimizer, data.train, cfg.trainer.epochs, device)
         return state
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
@@ -167,7 +164,7 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
         start = None
         try:
             if resume is not None:
-                start = logger.resume(resume, Path(tmp), checkpoint, load)
+                start = logger.resume(resume, Path(tmp), checkpoint, load, cfg.force_resume)
                 if tags:  # overrides or a config upgrade a resume applied: config.yaml says what it trains now
                     logger.set_tags(tags)
                     logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -257,6 +254,7 @@ def cli() -> None:
     try:
         preflight(sys.argv[1:], CONF_DIR, "train")
         main()
+        sweep.raise_unended()  # a sweep whose store failed: its runs left RUNNING, said in one line
     except UserError as e:
         sweep.finish("FAILED", str(e))
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -266,7 +264,9 @@ def cli() -> None:
         swept = sweep.current()
         sweep.finish("KILLED", f"interrupted ({name})")
         marked = isinstance(e, Interrupted) and e.marked
+        ended = getattr(e, "ended", None)  # a signal while a completed sweep was being ended
         what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED" if swept
+                else f"; the sweep {e.sweep_id} had ended {ended}, its summary written" if ended
                 else "; the run was marked KILLED" if marked else "")
         whose = "the running trial's" if swept else "its"
         saved = f"; {whose} checkpoint was saved" if isinstance(e, Interrupted) and e.saved else ""

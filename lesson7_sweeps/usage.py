@@ -1,6 +1,6 @@
 """`lesson7-train --help` (our own page: groups and their options, presets, resume / rerun / lr-find,
 where runs go; Hydra's internals and the `*_schema` nodes stay hidden) and `lesson7-train
---mark-failed RUN_ID` (end a run that was left RUNNING)."""
+--mark-failed RUN_ID...` (end runs that were left RUNNING)."""
 
 from __future__ import annotations
 
@@ -47,27 +47,28 @@ runs, rerun and resume:
       change; raising trainer.epochs extends a FINISHED run; force_resume=true takes over a run whose
       heartbeat is fresh but whose process is gone)
   lesson7-rerun RUN_ID [KEY=VALUE ...]             train a run's exact config again and compare the metrics
-  {PROG} --mark-failed RUN_ID [--tracking-uri URI] end a run left RUNNING (its process died while the
-      store was unreachable) as FAILED
+  {PROG} --mark-failed RUN_ID... [--tracking-uri URI] end runs left RUNNING (their process died while
+      the store was unreachable) as FAILED
 
 Ctrl-C or SIGTERM saves a checkpoint and marks the run KILLED (exit 128+signal); bad input is one line
 and exit code 2. Hydra's own options: {PROG} --hydra-help"""
 
 
 def mark_failed_cli(argv: list[str]) -> int:
-    """`lesson7-train --mark-failed RUN_ID [--tracking-uri URI] [--force]`; the exit code."""
+    """`lesson7-train --mark-failed RUN_ID [RUN_ID ...] [--tracking-uri URI] [--force]`; the exit code."""
     from lesson7_sweeps.stored import store_logger
 
     p = argparse.ArgumentParser(prog=f"{PROG} --mark-failed", description="End a run left RUNNING as FAILED.")
-    p.add_argument("run_id")
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="the run's store (default: MLFLOW_TRACKING_URI, else lesson7-train's)")
     p.add_argument("--force", action="store_true", help="even if its heartbeat is fresh (its process is gone)")
     args = p.parse_args(argv)
     try:
         logger = store_logger(args.tracking_uri)
-        logger.mark_failed(args.run_id, args.force)
+        for run_id in args.run_ids:
+            logger.mark_failed(run_id, args.force)
+            print(f"{PROG}: run {run_id} marked FAILED in {logger.uri}")
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{PROG}: run {args.run_id} marked FAILED in {logger.uri}")
     return 0

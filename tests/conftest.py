@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -111,6 +113,19 @@ def run_cli(monkeypatch, capsys, tmp_path: Path, argv: list[str]) -> tuple[int, 
         code = e.code
     out, err = capsys.readouterr()
     return code, err.strip().splitlines(), out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 3 MB file system that can fill up (a tmpfs; needs root), with an MLflow store on it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a tiny tmpfs that can fill up")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)])  # this process's sqlite engine may hold the file
 
 
 @pytest.fixture(autouse=True)

@@ -108,21 +108,21 @@ def assert_loaded(arrays: cifar.CifarArrays, expected: dict, test_name: str = "t
 @pytest.mark.parametrize("test_name", ["test", "valid"])
 def test_folder_layout_loads_exact_pixels(tmp_path, test_name):
     expected = write_layout(tmp_path / "cifar", test_name=test_name)
-    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert_loaded(arrays, expected, test_name)
     assert arrays.source_format == "folder"
 
 
 def test_jpeg_folder_loads(tmp_path):
     expected = write_layout(tmp_path / "cifar", ext="jpg")
-    assert_loaded(load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache"), expected, atol=2)
+    assert_loaded(load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30), expected, atol=2)
 
 
 @pytest.mark.parametrize("name", ["cifar.tgz", "cifar.tar"])
 def test_tar_loads_at_any_depth(tmp_path, name):
     expected = write_layout(tmp_path / "cifar")
     tar = write_tar(tmp_path / name, tmp_path / "cifar", arcname="data/cifar10")
-    arrays = load_cifar(tar, cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tar, cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert_loaded(arrays, expected)
     assert arrays.source_format == "tar"
 
@@ -130,14 +130,14 @@ def test_tar_loads_at_any_depth(tmp_path, name):
 def test_jpeg_tar_gz_loads(tmp_path):
     expected = write_layout(tmp_path / "cifar", ext="jpeg")
     tar = write_tar(tmp_path / "cifar10-jpg.tar.gz", tmp_path / "cifar", arcname="cifar10")
-    assert_loaded(load_cifar(tar, cache_dir=tmp_path / "cache"), expected, atol=2)
+    assert_loaded(load_cifar(tar, cache_dir=tmp_path / "cache", max_bytes=2**30), expected, atol=2)
 
 
 @pytest.mark.parametrize("point_at", ["parent", "batches_dir"])
 def test_torchvision_pickles_load(tmp_path, point_at):
     expected = write_torchvision(tmp_path / "data" / "cifar-10-batches-py")
     root = tmp_path / "data" if point_at == "parent" else tmp_path / "data" / "cifar-10-batches-py"
-    arrays = load_cifar(root, cache_dir=tmp_path / "cache")
+    arrays = load_cifar(root, cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert_loaded(arrays, expected)
     assert arrays.source_format == "torchvision"
     assert arrays.train_x.shape == (15, 32, 32, 3)
@@ -146,7 +146,7 @@ def test_torchvision_pickles_load(tmp_path, point_at):
 def test_process_pool_decodes_like_one_process(tmp_path, monkeypatch):
     expected = write_layout(tmp_path / "cifar")
     monkeypatch.setattr(cifar, "_DECODE_CHUNK", 5)  # 12 train images -> 3 pool tasks
-    assert_loaded(load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache"), expected)
+    assert_loaded(load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +163,11 @@ def forbid_decoding(monkeypatch):
 
 def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     expected = write_layout(tmp_path / "cifar")
-    first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert first.cache_path.parent == tmp_path / "cache" and first.cache_path.suffix == ".npz"
     written = first.cache_path.stat().st_mtime_ns
     forbid_decoding(monkeypatch)
-    second = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    second = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert_loaded(second, expected)
     assert second.fingerprint == first.fingerprint
     assert second.cache_path.stat().st_mtime_ns == written
@@ -176,11 +176,11 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch):
 
 def test_changed_image_is_decoded_again(tmp_path):
     write_layout(tmp_path / "cifar")
-    first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     changed = tmp_path / "cifar" / "train" / "cat" / "0000.png"
     Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    second = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    second = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert second.fingerprint != first.fingerprint
     assert (second.train_x[0] == 7).all() and not (first.train_x[0] == 7).all()
 
@@ -188,8 +188,8 @@ def test_changed_image_is_decoded_again(tmp_path):
 def test_building_the_cache_is_said_once_with_where(tmp_path, caplog):
     write_layout(tmp_path / "cifar")
     with caplog.at_level("INFO", logger="lesson7_sweeps.data.cifar"):
-        first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
-        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+        first = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
+        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     said = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
     assert said == [f"decoding CIFAR-10 from {tmp_path / 'cifar'} into the cache {first.cache_path} (once; later "
                     f"runs load it in about a second)"]
@@ -198,10 +198,10 @@ def test_building_the_cache_is_said_once_with_where(tmp_path, caplog):
 def test_touched_tar_keeps_its_cache(tmp_path, monkeypatch):
     write_layout(tmp_path / "cifar")
     tar = write_tar(tmp_path / "cifar.tar.gz", tmp_path / "cifar", arcname="cifar10")
-    first = load_cifar(tar, cache_dir=tmp_path / "cache")
+    first = load_cifar(tar, cache_dir=tmp_path / "cache", max_bytes=2**30)
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
     forbid_decoding(monkeypatch)
-    assert load_cifar(tar, cache_dir=tmp_path / "cache").fingerprint == first.fingerprint
+    assert load_cifar(tar, cache_dir=tmp_path / "cache", max_bytes=2**30).fingerprint == first.fingerprint
 
 
 def replace_keeping_size_and_mtime(path: Path, image: np.ndarray) -> None:
@@ -220,14 +220,14 @@ def test_content_changed_with_size_and_mtime_kept_is_decoded_again(tmp_path, pac
     image = tmp_path / "cifar" / "train" / "cat" / "0000.png"
     Image.open(image).save(image, compress_level=0)
     source = write_tar(tmp_path / "cifar.tar", tmp_path / "cifar", "cifar10") if packed else tmp_path / "cifar"
-    first = load_cifar(source, cache_dir=tmp_path / "cache")
+    first = load_cifar(source, cache_dir=tmp_path / "cache", max_bytes=2**30)
     replace_keeping_size_and_mtime(image, np.full((32, 32, 3), 7, np.uint8))
     if packed:  # the same members, same sizes and mtimes: a tar of the same size, given the old mtime
         st = source.stat()
         write_tar(source, tmp_path / "cifar", "cifar10")
         assert source.stat().st_size == st.st_size
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-    second = load_cifar(source, cache_dir=tmp_path / "cache")
+    second = load_cifar(source, cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert second.fingerprint != first.fingerprint
     assert (second.train_x[0] == 7).all() and not (first.train_x[0] == 7).all()
 
@@ -235,13 +235,13 @@ def test_content_changed_with_size_and_mtime_kept_is_decoded_again(tmp_path, pac
 def test_default_cache_beside_source_else_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
     write_layout(tmp_path / "shared" / "cifar")
-    arrays = load_cifar(tmp_path / "shared" / "cifar")
+    arrays = load_cifar(tmp_path / "shared" / "cifar", max_bytes=2**30)
     assert arrays.cache_path.parent == tmp_path / "shared" / ".lesson7_cache"
 
     write_layout(tmp_path / "readonly" / "cifar")
     (tmp_path / "readonly").chmod(0o555)  # no write bit: read-only even for root
     try:
-        arrays = load_cifar(tmp_path / "readonly" / "cifar")
+        arrays = load_cifar(tmp_path / "readonly" / "cifar", max_bytes=2**30)
     finally:
         (tmp_path / "readonly").chmod(0o755)
     assert arrays.cache_path.parent == tmp_path / "user_cache" / "lesson7_sweeps"
@@ -333,7 +333,7 @@ def not_an_archive(root: Path) -> tuple[Path, str]:
 def test_user_errors_are_one_line_and_name_the_path(tmp_path, make):
     root, needle = make(tmp_path / "cifar")
     with pytest.raises(DataError) as error:
-        load_cifar(root, cache_dir=tmp_path / "cache")
+        load_cifar(root, cache_dir=tmp_path / "cache", max_bytes=2**30)
     message = str(error.value)
     assert "\n" not in message
     assert needle in message
@@ -341,7 +341,7 @@ def test_user_errors_are_one_line_and_name_the_path(tmp_path, make):
 
 def test_missing_root_says_how_to_fix(tmp_path):
     with pytest.raises(DataError, match=r"^data\.root=\S+/nowhere does not exist; point data\.root at ") as error:
-        load_cifar(tmp_path / "nowhere")
+        load_cifar(tmp_path / "nowhere", max_bytes=2**30)
     assert "\n" not in str(error.value)
 
 
@@ -349,7 +349,7 @@ def test_unwritable_cache_dir(tmp_path):
     write_layout(tmp_path / "cifar")
     (tmp_path / "locked").mkdir(mode=0o555)
     with pytest.raises(DataError, match=f"data.cache_dir={tmp_path / 'locked'} is not writable"):
-        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "locked")
+        load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "locked", max_bytes=2**30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def make_data(tmp_path: Path, **overrides) -> CifarData:
     if not root.exists():
         write_layout(root, n_train=8, n_test=3)  # 24 train, 9 test images
     kwargs = dict(root=root, cache_dir=tmp_path / "cache", download=False, bs=8, stats="lesson")
-    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", seed=0) | overrides
+    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", max_bytes=2**30, seed=0) | overrides
     return CifarData(**kwargs)
 
 
@@ -434,7 +434,7 @@ def normalised(x: np.ndarray, mean=LESSON_MEAN, std=LESSON_STD) -> torch.Tensor:
 
 def test_without_augmentation_batches_are_the_normalised_originals(tmp_path):
     data = make_data(tmp_path, bs=5)
-    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert len(data.train) == 4 and len(data.valid) == 2  # 24 // 5 (partial dropped), ceil(9 / 5)
 
     valid = list(data.valid)
@@ -455,7 +455,7 @@ def test_without_augmentation_batches_are_the_normalised_originals(tmp_path):
 
 def test_augmentation_moves_and_mirrors_train_images_only(tmp_path):
     data = make_data(tmp_path, pad=4, crop=True, flip=True)
-    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     originals = normalised(arrays.train_x)
     batch = torch.cat([x for x, _ in data.train])
     assert batch.shape == originals.shape
@@ -504,7 +504,7 @@ def test_resume_mid_epoch_gives_the_batches_of_an_uninterrupted_run(tmp_path):
 
 def test_stats_compute_uses_the_train_split(tmp_path):
     data = make_data(tmp_path, stats="compute")
-    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert data.mean == channel_stats(arrays.train_x)[0] and data.std == channel_stats(arrays.train_x)[1]
     x, _ = next(iter(data.valid))
     torch.testing.assert_close(x, normalised(arrays.test_x[:8], data.mean, data.std))
@@ -547,7 +547,7 @@ def test_config_errors(tmp_path, overrides, needle):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_TAR.is_file(), reason=f"real CIFAR-10 archive not found at {REAL_TAR}")
 def test_real_cifar10_jpeg_archive(tmp_path):
-    arrays = load_cifar(REAL_TAR, cache_dir=tmp_path)
+    arrays = load_cifar(REAL_TAR, cache_dir=tmp_path, max_bytes=2**30)
     assert arrays.train_x.shape == (50000, 32, 32, 3) and arrays.test_x.shape == (10000, 32, 32, 3)
     assert arrays.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert np.bincount(arrays.train_y).tolist() == [5000] * 10 and np.bincount(arrays.test_y).tolist() == [1000] * 10

@@ -176,36 +176,31 @@ def test_any_exception_of_a_multirun_trial_gives_inf_and_a_failed_run(monkeypatc
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_and_the_run_can_be_repaired(monkeypatch, capsys, tmp_path: Path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)]).returncode:
-        pytest.skip("needs root to mount a tiny tmpfs that can fill up")
-    try:
-        uri = f"sqlite:///{disk}/mlflow.db"
-        MlflowClient(uri).search_experiments()  # the store, then a disk with ~60 kB left
-        free_kb = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize // 1024
-        (disk / "filler").write_bytes(b"\0" * (free_kb - 60) * 1024)
-        text = tmp_path / "long.txt"
-        text.write_text(make_text(20000))
-        args = [*tiny_overrides(tmp_path, text), f"tracking.uri={uri}", "trainer.log_every=1", "trainer.epochs=3"]
-        proc = subprocess.run([sys.executable, "-m", "lesson7_sweeps.train", *args, f"hydra.run.dir={tmp_path}/r"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        said = (proc.stdout + proc.stderr).strip().splitlines()  # Hydra logs to stdout, errors go to stderr
-        assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, said
-        assert proc.stderr.strip().splitlines() == [
-            f"{PREFIX}the MLflow store {uri} cannot be written (database or disk is full); free space or fix its "
-            f"permissions, then continue the run: lesson7-train resume={runs(uri)[0].info.run_id} force_resume=true"]
-        problems = [line for line in said if "ERROR" in line or "error" in line]
-        assert len(problems) == 2 and "--mark-failed" in problems[0], said  # the run could not be ended: repair
-        (disk / "filler").unlink()
-        (run,) = runs(uri)
-        assert run.info.status == "RUNNING"
-        repair = ["--mark-failed", run.info.run_id, "--tracking-uri", uri]
-        code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair)
-        assert code == 2 and "is still training (its heartbeat is" in err[-1], err
-        code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*repair, "--force"])
-        assert code == 0, err
-        assert MlflowClient(uri).get_run(run.info.run_id).info.status == "FAILED"
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)])  # this process's sqlite engine may hold the file
+def test_a_full_disk_is_one_line_and_the_run_can_be_repaired(monkeypatch, capsys, tmp_path: Path, small_disk: Path):
+    disk = small_disk
+    uri = f"sqlite:///{disk}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # the store, then a disk with ~60 kB left
+    free_kb = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize // 1024
+    (disk / "filler").write_bytes(b"\0" * (free_kb - 60) * 1024)
+    text = tmp_path / "long.txt"
+    text.write_text(make_text(20000))
+    args = [*tiny_overrides(tmp_path, text), f"tracking.uri={uri}", "trainer.log_every=1", "trainer.epochs=3"]
+    proc = subprocess.run([sys.executable, "-m", "lesson7_sweeps.train", *args, f"hydra.run.dir={tmp_path}/r"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    said = (proc.stdout + proc.stderr).strip().splitlines()  # Hydra logs to stdout, errors go to stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, said
+    assert proc.stderr.strip().splitlines() == [
+        f"{PREFIX}the MLflow store {uri} cannot be written (database or disk is full); free space or fix its "
+        f"permissions, then continue the run: lesson7-train resume={runs(uri)[0].info.run_id} force_resume=true"]
+    problems = [line for line in said if "ERROR" in line or "error" in line]
+    assert len(problems) == 2 and "--mark-failed" in problems[0], said  # the run could not be ended: repair
+    (disk / "filler").unlink()
+    (run,) = runs(uri)
+    assert run.info.status == "RUNNING"
+    repair = problems[0].split("end it with: lesson7-train ", 1)[1].split()
+    assert repair == ["--mark-failed", run.info.run_id, "--tracking-uri", uri, "--force"]
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair[:-1])  # a live run's heartbeat guards it
+    assert code == 2 and "is still training (its heartbeat is" in err[-1], err
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair)  # as printed
+    assert code == 0, err
+    assert MlflowClient(uri).get_run(run.info.run_id).info.status == "FAILED"

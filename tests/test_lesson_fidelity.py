@@ -130,7 +130,7 @@ def is_training_augmentation_of(view: np.ndarray, image: np.ndarray, pad: int) -
 def lesson_tta_data(tmp_path: Path) -> CifarData:
     write_layout(tmp_path / "cifar", n_train=8, n_test=6)
     return CifarData(root=tmp_path / "cifar", cache_dir=tmp_path / "cache", download=False, bs=6, stats="lesson",
-                     pad=4, crop=True, flip=True, tta="lesson", seed=3)
+                     pad=4, crop=True, flip=True, tta="lesson", max_bytes=2**30, seed=3)
 
 
 def test_lesson_tta_views_are_the_original_and_four_training_augmentations(lesson_tta_data: CifarData):
@@ -274,12 +274,12 @@ def test_valid_from_line_cuts_between_lines(tmp_path: Path):
     path.write_text("one\ntwo\n\nfour\nfive", encoding="utf-8")
     with open(path, encoding="utf-8") as f:  # the lesson: a copy of the file, lines deleted in an editor
         lines = f.readlines()
-    assert read_splits(path, 0.2, 4) == ("".join(lines[:3]), "".join(lines[3:]))
+    assert read_splits(path, 0.2, 4, 2**20) == ("".join(lines[:3]), "".join(lines[3:]))
     with pytest.raises(DataError, match="has 5 lines"):
-        read_splits(path, 0.2, 6)
+        read_splits(path, 0.2, 6, 2**20)
     (tmp_path / "folder" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="valid_from_line=null"):
-        read_splits(tmp_path / "folder", 0.2, 4)
+        read_splits(tmp_path / "folder", 0.2, 4, 2**20)
     with pytest.raises(ConfigError, match="data.valid_from_line"):
         validate(preset("lesson6_rnn", "data.valid_from_line=1"))
 
@@ -294,7 +294,7 @@ def test_the_notebooks_trn_has_493747_characters():
     """The notebook prints len(md.trn_ds[0].text) = 493,747 of the corpus' 600,893 characters.
     The shared copy has 8 characters of mojibake more ("Ã¤" for "ä", ...); decoding them back gives
     the notebook's corpus, whose lines before aphorism 58 (line 8000) are exactly the notebook's trn/."""
-    train, valid = read_splits(NIETZSCHE, 0.2, 8000)
+    train, valid = read_splits(NIETZSCHE, 0.2, 8000, 2**30)
     notebook = NIETZSCHE.read_text(encoding="utf-8")
     notebook = re.sub("Ã(.)", lambda m: (b"\xc3" + m.group(1).encode("cp1252")).decode("utf-8"), notebook)
     assert len(notebook) == 600_893

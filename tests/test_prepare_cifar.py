@@ -53,7 +53,7 @@ def test_torchvision_export_round_trips_through_the_loader(tmp_path, capsys):
     assert main(["torchvision", str(tmp_path), str(tmp_path / "cifar10")]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and f"wrote train=15, test=3 PNG images under {tmp_path / 'cifar10'}" in out
-    arrays = load_cifar(tmp_path / "cifar10", cache_dir=tmp_path / "cache")
+    arrays = load_cifar(tmp_path / "cifar10", cache_dir=tmp_path / "cache", max_bytes=2**30)
     assert arrays.source_format == "folder" and arrays.classes == CLASSES
     for split, x, y in (("train", arrays.train_x, arrays.train_y), ("test", arrays.test_x, arrays.test_y)):
         ex, ey = expected[split]

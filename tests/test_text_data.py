@@ -14,7 +14,8 @@ from .conftest import make_text
 
 def text_data(path: Path, **kw) -> TextData:
     args = dict(path=str(path), url=None, cache_dir=str(path.parent / "cache"), lower=True, min_freq=1,
-                valid_frac=0.2, valid_from_line=None, bs=4, bptt=8, random_bptt=True, seed=0)
+                valid_frac=0.2, valid_from_line=None, bs=4, bptt=8, random_bptt=True, max_bytes=2**20,
+                seed=0)
     return TextData(**{**args, **kw})
 
 
@@ -91,7 +92,7 @@ def test_folder_layout_train_and_valid(tmp_path: Path):
         (tmp_path / split).mkdir()
         (tmp_path / split / "a.txt").write_text(make_text(500, seed), encoding="utf-8")
         (tmp_path / split / "b.txt").write_text(make_text(500, seed + 10), encoding="utf-8")
-    train, valid = read_splits(tmp_path, 0.2, None)
+    train, valid = read_splits(tmp_path, 0.2, None, 2**20)
     assert train == make_text(500, 1) + make_text(500, 11)
     assert valid == make_text(500, 2) + make_text(500, 12)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from lesson7_sweeps.data.files import data_files
 from lesson7_sweeps.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class CifarArrays:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_cifar(root: str | Path, cache_dir: str | Path | None = None, download: bool = False) -> CifarArrays:
+def load_cifar(root: str | Path, cache_dir: str | Path | None = None, download: bool = False, *,
+               max_bytes: int) -> CifarArrays:
     """Load CIFAR-10 from `root` (any supported format), decoding once into an .npz cache.
 
     The cache lives in `cache_dir`, by default `.lesson7_cache/` beside the source, or
@@ -81,13 +83,14 @@ def load_cifar(root: str | Path, cache_dir: str | Path | None = None, download: 
     fingerprint changes.
     """
     source, source_format = _find_source(Path(root).expanduser(), download)
+    data_files(source, max_bytes, "data.root")  # regular files, bounded: before anything is read
     fingerprint = source_fingerprint(source)
     cache_path = _cache_path(source, cache_dir)
-    cached = _read_cache(cache_path, fingerprint)
+    cached = _read_cache(cache_path, fingerprint, max_bytes)
     if cached is None:
         log.info("decoding CIFAR-10 from %s into the cache %s (once; later runs load it in about a second)",
                  source, cache_path)
-        decoded = _DECODERS[source_format](source)
+        decoded = _read_tar(source, max_bytes) if source_format == "tar" else _DECODERS[source_format](source)
         _write_cache(cache_path, decoded, fingerprint)
     else:
         decoded = cached
@@ -184,10 +187,14 @@ def _writable(folder: Path) -> bool:
     )
 
 
-def _read_cache(path: Path, fingerprint: str) -> Decoded | None:
+def _read_cache(path: Path, fingerprint: str, max_bytes: int) -> Decoded | None:
     if not path.is_file():
         return None
     try:
+        with zipfile.ZipFile(path) as z:  # np.savez stores; a compressed or huge record is no cache of ours
+            records = z.infolist()
+        if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > max_bytes:
+            return None
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) != CACHE_VERSION or str(z["fingerprint"]) != fingerprint:
                 return None
@@ -295,10 +302,11 @@ def _read_folder(root: Path) -> Decoded:
     return _decode_splits(split(root / "train"), split(test_dir))
 
 
-def _read_tar(path: Path) -> Decoded:
+def _read_tar(path: Path, max_bytes: int) -> Decoded:
     # layout prefix (the folders above train/) -> split name -> class -> images
     found: dict[tuple[str, ...], dict[str, dict[str, list[ImageItem]]]] = {}
     split_names = ("train", *TEST_SPLIT_NAMES)
+    unpacked = 0  # a small .tar.gz can unpack to any size
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -311,6 +319,10 @@ def _read_tar(path: Path) -> Decoded:
                     and parts[-3] in split_names
                     and parts[-1].lower().endswith(IMAGE_SUFFIXES)
                 ):
+                    unpacked += member.size
+                    if unpacked > max_bytes:
+                        raise DataError(f"{path} unpacks to more than data.max_bytes={max_bytes:,} bytes of images; "
+                                        f"raise data.max_bytes if that much data is meant")
                     images = found.setdefault(parts[:-3], {}).setdefault(parts[-3], {}).setdefault(parts[-2], [])
                     images.append((f"{member.name} in {path}", tar.extractfile(member).read()))
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -383,7 +395,6 @@ def _decode_chunk(items: list[ImageItem]) -> np.ndarray:
 _DECODERS: dict[str, Callable[[Path], Decoded]] = {
     "torchvision": read_torchvision_batches,
     "folder": _read_folder,
-    "tar": _read_tar,
 }
 
 
@@ -507,9 +518,13 @@ class DeviceBatches:
 
     def load_state_dict(self, state: dict[str, Any], batch: int) -> None:
         """Continue as the checkpointed loader would: mid-epoch (batch > 0) in that epoch's order."""
+        order = state["order"]
+        if batch > 0 and not (isinstance(order, Tensor) and order.dtype == torch.int64 and order.shape == self.y.shape
+                              and torch.equal(order.sort().values, torch.arange(len(self.y)))):
+            raise ValueError("loader order is not an order of this data's images")
         if self.generator is not None:
             self.generator.set_state(state["generator"])
-        self._resume = (state["order"].to(self.y.device), batch) if batch > 0 else None
+        self._resume = (order.to(self.y.device), batch) if batch > 0 else None
 
 
 class CifarData:
@@ -535,6 +550,7 @@ class CifarData:
         crop: bool,
         flip: bool,
         tta: str,
+        max_bytes: int,
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
@@ -545,7 +561,7 @@ class CifarData:
                 f"data.pad={pad} with data.crop={crop}: padding only feeds the random crop; "
                 "set data.crop=true with data.pad>0, or data.pad=0"
             )
-        arrays = load_cifar(root, cache_dir, download)
+        arrays = load_cifar(root, cache_dir, download, max_bytes=max_bytes)
         n_train = len(arrays.train_y)
         if not 1 <= bs <= n_train:
             raise ConfigError(f"data.bs={bs} must be between 1 and the {n_train} training images; change data.bs")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesson7_sweeps.data.files import data_files, read_bytes
 from lesson7_sweeps.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -129,15 +130,19 @@ class BpttLoader:
 
     def load_state_dict(self, state: dict[str, Any], batch: int) -> None:
         """Continue as the checkpointed loader would: mid-epoch (batch > 0) with that epoch's lengths."""
+        lengths = state["lengths"]
+        if batch > 0 and not (isinstance(lengths, list) and all(isinstance(n, int) and n >= 1 for n in lengths)
+                              and sum(lengths) <= self.data.size(0) - 1):
+            raise ValueError("loader lengths are not section lengths of this text")
         if self.rng is not None:
             self.rng.bit_generator.state = state["rng"]
-        self._lengths = state["lengths"] if batch > 0 else None
+        self._lengths = lengths if batch > 0 else None
         self._skip = batch
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, max_bytes: int) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, max_bytes).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
     if not text:
@@ -145,13 +150,13 @@ def _read(path: Path) -> str:
     return text
 
 
-def _read_folder(path: Path, names: tuple[str, ...]) -> str:
+def _read_folder(path: Path, names: tuple[str, ...], max_bytes: int) -> str:
     for name in names:
         if (path / name).is_dir():
             files = sorted(f for f in (path / name).rglob("*") if f.is_file() and not f.name.startswith("."))
             if not files:
                 raise DataError(f"{path / name} holds no text files; add some or point data.path at a file")
-            return "".join(_read(f) for f in files)
+            return "".join(_read(f, max_bytes) for f in files)
     raise DataError(f"data.path={path} is a folder without a {'/ or '.join(names)}/ subfolder; "
                     "use a text file or a folder with train/ and valid/")
 
@@ -183,15 +188,17 @@ def resolve_path(path: str, url: str | None, cache_dir: str) -> Path:
     return cached
 
 
-def read_splits(path: Path, valid_frac: float, valid_from_line: int | None) -> tuple[str, str]:
+def read_splits(path: Path, valid_frac: float, valid_from_line: int | None, max_bytes: int) -> tuple[str, str]:
     """(train, valid) text: a folder's train/ and valid/ files, or one file cut at 1 - valid_frac of
-    its characters, or before line `valid_from_line` (1-based; lines keep their newlines)."""
+    its characters, or before line `valid_from_line` (1-based; lines keep their newlines). Regular
+    files of at most `max_bytes` in all, checked before reading (data/files.py)."""
+    data_files(path, max_bytes, "data.path")
     if path.is_dir():
         if valid_from_line is not None:
             raise DataError(f"data.valid_from_line={valid_from_line} splits a single file, but data.path={path} "
                             "is a folder with its own train/ and valid/; set data.valid_from_line=null")
-        return _read_folder(path, TRAIN_DIRS), _read_folder(path, VALID_DIRS)
-    text = _read(path)
+        return _read_folder(path, TRAIN_DIRS, max_bytes), _read_folder(path, VALID_DIRS, max_bytes)
+    text = _read(path, max_bytes)
     if valid_from_line is None:
         cut = int(len(text) * (1 - valid_frac))
         return text[:cut], text[cut:]
@@ -219,9 +226,10 @@ class TextData:
 
     def __init__(self, path: str, url: str | None, cache_dir: str, lower: bool, min_freq: int,
                  valid_frac: float, valid_from_line: int | None, bs: int, bptt: int, random_bptt: bool,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 max_bytes: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
         self.path, self.lower = resolve_path(path, url, cache_dir), lower
-        train_text, valid_text = (self.prepare(t) for t in read_splits(self.path, valid_frac, valid_from_line))
+        train_text, valid_text = (self.prepare(t) for t in read_splits(self.path, valid_frac, valid_from_line,
+                                                                          max_bytes))
         need = bs * (bptt + 1)
         for split, text in (("training", train_text), ("validation", valid_text)):
             if len(text) < need:

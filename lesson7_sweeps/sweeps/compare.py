@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from lesson7_sweeps.errors import UserError
-from lesson7_sweeps.sweeps.summary import render, trial_table
+from lesson7_sweeps.sweeps.names import printable
+from lesson7_sweeps.sweeps.summary import csv_safe, render, trial_table
 from lesson7_sweeps.tracking import MlflowLogger
 
 PROG = "lesson7-compare"
@@ -46,7 +47,7 @@ def parents(uri: str, run_id: str | None, experiment: str | None) -> tuple[Mlflo
             raise UserError(f"no run {run_id!r} in {uri}; check the id and --tracking-uri")
         if found[0].data.tags.get("run_type") != "sweep":
             raise UserError(f"run {run_id} is not a sweep's parent run (its run_type is "
-                            f"{found[0].data.tags.get('run_type', 'unset')}); give the parent's id, or none "
+                            f"{printable(found[0].data.tags.get('run_type', 'unset'))}); give the parent's id, or none "
                             f"for the latest sweep")
         return logger, found
     if experiment is not None:
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         logger, found = parents(args.tracking_uri or default_uri(), args.parent_run_id, args.experiment)
         summaries = [trial_table(logger, parent) for parent in found]
         if args.csv:  # one CSV: the sweeps' rows under the union of their columns
-            pd.concat([s.table.assign(sweep=s.parent_id) for s in summaries]).to_csv(sys.stdout, index=False)
+            table = pd.concat([s.table.assign(sweep=s.parent_id) for s in summaries])
+            csv_safe(table).to_csv(sys.stdout, index=False)
         for summary in summaries if not args.csv else []:
             render(summary.table, summary.title)
     except UserError as e:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from omegaconf import OmegaConf
+
+# C0/C1 controls (terminal escape sequences, carriage returns) and the bidi overrides that reorder text
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(value: object) -> str:
+    """`value` as text that does nothing to a terminal: each control character shown as its escape
+    (an ESC as \\x1b), so a name read back from a store cannot move the cursor or retitle the window."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value))
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.config import OBJECTIVES
 from lesson7_sweeps.errors import ConfigError
 
 SWEEPER_TARGET = "hydra_plugins.lesson7_optuna_sweeper.OptunaSweeper"  # the shim Hydra accepts
+IN_PROCESS_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",)
+SAMPLERS = ("tpe", "random", "grid", "gp")
 
 
 @dataclass
@@ -95,3 +97,32 @@ def build_pruner(sweeper: DictConfig) -> Any:
     if sweeper.pruner == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"hydra.sweeper.pruner={sweeper.pruner} is invalid: use median, hyperband or none")
+
+
+def check_settings(s: DictConfig, launcher: DictConfig, space: dict[str, Any]) -> None:
+    if not space:
+        raise ConfigError("hydra/sweeper=optuna needs a search space: e.g. 'optim.lr=tag(log,interval(1e-4,1e-2))' "
+                          "on the command line or hydra.sweeper.params (or a sweep=..._optuna preset)")
+    if s.n_trials < 1 or s.n_jobs < 1 or not 0 <= s.max_failure_rate <= 1:
+        raise ConfigError(f"hydra.sweeper: n_trials={s.n_trials} and n_jobs={s.n_jobs} must be >= 1 and "
+                          f"max_failure_rate={s.max_failure_rate} in [0, 1]")
+    # in-process jobs share HydraConfig (a process global) and the signal handlers: one at a time
+    if s.n_jobs > 1 and (launcher._target_ in IN_PROCESS_LAUNCHERS or launcher.get("n_jobs") == 1):
+        raise ConfigError(f"hydra.sweeper.n_jobs={s.n_jobs} needs jobs in other processes: add "
+                          f"hydra/launcher=joblib (hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")
+
+
+def check_optuna(settings: DictConfig, launcher: DictConfig, objective: str, arguments: list[str]) -> None:
+    """Every setting of an Optuna sweep and its search space (`hydra.sweeper.params`, then the command
+    line's `arguments`), checked before any store, study or run exists (lesson7-train's pre-flight);
+    ConfigError in one line."""
+    from lesson7_sweeps.sweeps import search_space
+
+    space, _ = search_space.parse(OmegaConf.to_container(settings.params), arguments)
+    check_settings(settings, launcher, space)
+    direction(settings, objective)
+    if settings.sampler not in SAMPLERS:
+        raise ConfigError(f"hydra.sweeper.sampler={settings.sampler} is invalid: use {', '.join(SAMPLERS)}")
+    if settings.sampler == "grid":
+        search_space.grid(space)
+    build_pruner(settings)

@@ -28,7 +28,14 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.errors import ConfigError, UserError
-from lesson7_sweeps.sweeps.optuna_study import build_pruner, direction, storage_url, study_name
+from lesson7_sweeps.sweeps.optuna_study import (
+    SAMPLERS,
+    build_pruner,
+    check_settings,
+    direction,
+    storage_url,
+    study_name,
+)
 from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID
 
 if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this module on every run
@@ -36,7 +43,6 @@ if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this 
     from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
-IN_PROCESS_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",)
 OWNER = "owner"  # trial user attr: host:pid of the sweeping process that launched it
 
 
@@ -128,18 +134,7 @@ class OptunaSweeper(Sweeper):
         return returns
 
     def _check(self, space: dict[str, Any]) -> None:
-        s = self.settings
-        if not space:
-            raise ConfigError("hydra/sweeper=optuna needs a search space: e.g. 'optim.lr=tag(log,interval(1e-4,1e-2))' "
-                              "on the command line or hydra.sweeper.params (or a sweep=..._optuna preset)")
-        if s.n_trials < 1 or s.n_jobs < 1 or not 0 <= s.max_failure_rate <= 1:
-            raise ConfigError(f"hydra.sweeper: n_trials={s.n_trials} and n_jobs={s.n_jobs} must be >= 1 and "
-                              f"max_failure_rate={s.max_failure_rate} in [0, 1]")
-        launcher = self.config.hydra.launcher
-        # in-process jobs share HydraConfig (a process global) and the signal handlers: one at a time
-        if s.n_jobs > 1 and (launcher._target_ in IN_PROCESS_LAUNCHERS or launcher.get("n_jobs") == 1):
-            raise ConfigError(f"hydra.sweeper.n_jobs={s.n_jobs} needs jobs in other processes: add "
-                              f"hydra/launcher=joblib (hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")
+        check_settings(self.settings, self.config.hydra.launcher, space)
 
     def _start(self, pool: ThreadPoolExecutor | None, overrides: list[str], job_num: int) -> Future:
         """Launch one trial as Hydra job `job_num`: on a worker thread, or here when one at a time
@@ -238,7 +233,7 @@ class OptunaSweeper(Sweeper):
             return Grid(search_space.grid(space), seed=s.seed)
         if s.sampler == "gp":
             return optuna.samplers.GPSampler(seed=s.seed)
-        raise ConfigError(f"hydra.sweeper.sampler={s.sampler} is invalid: use tpe, random, grid or gp")
+        raise ConfigError(f"hydra.sweeper.sampler={s.sampler} is invalid: use {', '.join(SAMPLERS)}")
 
     def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
         """Importances and history plots onto the sweep's parent run, when there is one."""

@@ -26,7 +26,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.errors import UserError
 from lesson7_sweeps.sweeps.names import format_value, short_names
 from lesson7_sweeps.sweeps.ui import sweep_view_tag, sweep_view_url
 from lesson7_sweeps.tracking import Logger, MlflowLogger, flatten, git_tags
@@ -105,7 +107,7 @@ class Parent:
 
 
 _active: Parent | None = None  # the sweep this process is running
-_previous_sigterm: Any = None  # the SIGTERM handler before the sweep started
+_previous_handlers: dict[int, Any] = {}  # the SIGTERM / SIGHUP handlers before the sweep started
 
 
 def current() -> Parent | None:
@@ -115,10 +117,20 @@ def current() -> Parent | None:
 
 def start(cfg: DictConfig) -> Parent | None:
     """Create the sweep's parent run (or, for a resumed study, mark its existing one RUNNING again).
-    Called once in the sweeping process, before any job starts."""
-    global _active
+    Called once in the sweeping process, before any job starts. A signal meanwhile is held until
+    the parent exists, then stops the sweep (which ends the parent KILLED)."""
     if "uri" not in cfg.tracking:  # tracking=none
         return None
+    with ckpt.stop_requests() as signals, ckpt.shielded():
+        _start(cfg)
+    _stop_on_sigterm()
+    if signals:
+        raise SweepStopped(signals[0])
+    return _active
+
+
+def _start(cfg: DictConfig) -> None:
+    global _active
     hc = cfg.hydra
     spec, key = sweep_spec(hc), sweep_key(hc)
     t = cfg.tracking
@@ -153,8 +165,6 @@ def start(cfg: DictConfig) -> Parent | None:
                                                   created_ms=int(time.time() * 1000),
                                                   lower_is_better=direction(cfg.objective, hc) == "minimize"))
     _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
-    _stop_on_sigterm()
-    return _active
 
 
 def find(logger: MlflowLogger, key: str) -> Any:
@@ -165,40 +175,55 @@ def find(logger: MlflowLogger, key: str) -> Any:
 
 
 class SweepStopped(KeyboardInterrupt):
-    """SIGTERM reached the sweeping process between trials (SIGINT arrives as KeyboardInterrupt)."""
+    """SIGTERM or SIGHUP reached the sweeping process between trials (SIGINT arrives as
+    KeyboardInterrupt), or any of them while the sweep was being ended: then `ended` is the status
+    its parent `sweep_id` ended with, summary written."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
+    def __init__(self, signum: int, ended: str | None = None, sweep_id: str | None = None) -> None:
+        self.signum, self.ended, self.sweep_id = signum, ended, sweep_id
         super().__init__(signal.Signals(signum).name)
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`) would end the process without a word; make it an interrupt so
-    the parent is marked KILLED. A training trial in this process installs its own handler meanwhile."""
-    global _previous_sigterm
+    """SIGTERM (a scheduler, `kill`) or SIGHUP (a closed terminal) would end the process without a
+    word; make them an interrupt so the parent is marked KILLED. A training trial in this process
+    installs its own handlers meanwhile."""
     if threading.current_thread() is threading.main_thread():
         def handler(signum: int, frame: Any) -> None:
             raise SweepStopped(signum)
 
-        _previous_sigterm = signal.signal(signal.SIGTERM, handler)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            _previous_handlers[s] = signal.signal(s, handler)
 
 
 def _restore_sigterm() -> None:
-    global _previous_sigterm
-    if _previous_sigterm is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _previous_sigterm)
-    _previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        for s, h in _previous_handlers.items():
+            signal.signal(s, h)
+    _previous_handlers.clear()
 
 
 def finish(status: str | None = None, reason: str | None = None) -> None:
     """End the active sweep: write its summary and end the parent run — FINISHED when the sweep
     completed (FAILED when every trial failed), or `status` (KILLED on an interrupt). Trials still
-    RUNNING when a sweep is killed (parallel workers that died with it) are marked KILLED."""
+    RUNNING when a sweep is killed (parallel workers that died with it) are marked KILLED.
+
+    No signal interrupts this: each is recorded, and once the parent has ended, one received while a
+    completed sweep was ended stops the process (SweepStopped, exit 128 + signal); an interrupted or
+    failed sweep is on its way out already."""
     global _active
     parent, _active = _active, None
     if parent is None:
         return
+    with ckpt.stop_requests() as signals, ckpt.shielded():
+        ended = _finish(parent, status, reason)
     _restore_sigterm()
+    if signals and status is None:
+        raise SweepStopped(signals[0], ended, parent.sweep_id)
+
+
+def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
+    """finish(), unshielded; the status the parent ended with."""
     from lesson7_sweeps.sweeps.summary import write_summary  # matplotlib/pandas: only when needed
 
     try:
@@ -209,17 +234,51 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
     if status is None:
         status = "FAILED" if summary is not None and summary.n_trials and not summary.n_ended_well else "FINISHED"
         reason = "every trial failed" if status == "FAILED" else None
-    if status != "FINISHED":
-        for run in parent.logger.search(f"tags.`mlflow.parentRunId` = '{parent.run_id}' and "
-                                        f"attributes.status = 'RUNNING'"):
-            parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
-    parent.logger.close(status, reason)
+    try:
+        if status != "FINISHED":
+            for run in _running_trials(parent):
+                parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
+        ended = parent.logger.close(status, reason)
+    except Exception as e:  # the store failed (a full disk, a server gone): say so once, at the end
+        log.error("sweep %s: could not end its runs: %s", parent.sweep_id, (str(e).splitlines() or [""])[0])
+        ended = False
+    if not ended:
+        _left_running(parent)
     if summary is not None:
         summary.print()
     url = sweep_view_url(parent.logger.uri, parent.experiment_id, parent.sweep_id)
     print(f"compare it in the MLflow UI: {url}" if url else
           f"compare it in the MLflow UI: mlflow ui --backend-store-uri {parent.logger.uri}, experiment "
           f"'{parent.logger.experiment}', Views menu, the view ending in {parent.sweep_id}")
+    return status
+
+
+def _running_trials(parent: Parent) -> list[Any]:
+    return parent.logger.search(f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'")
+
+
+_unended: UserError | None = None  # the sweep's runs its store would not let it end, and how to end them
+
+
+def _left_running(parent: Parent) -> None:
+    global _unended
+    try:
+        left = [parent.run_id, *(r.info.run_id for r in _running_trials(parent))]
+    except Exception:  # the store cannot even be read now
+        left = [parent.run_id]
+    uri = parent.logger.uri
+    # --force: this process owned these runs and has stopped; their heartbeats are only recent
+    _unended = UserError(f"the MLflow store {uri} failed, so sweep {parent.sweep_id} left {len(left)} run(s) RUNNING "
+                         f"(its parent and the trials it could not end); once the store works again, end them with: "
+                         f"lesson7-train --mark-failed {' '.join(left)} --tracking-uri {uri} --force")
+
+
+def raise_unended() -> None:
+    """After the sweep: the one-line error if its store would not let it end its runs."""
+    global _unended
+    error, _unended = _unended, None
+    if error is not None:
+        raise error
 
 
 # --- a trial -----------------------------------------------------------------------------------

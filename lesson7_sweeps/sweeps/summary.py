@@ -1,11 +1,15 @@
 """A sweep's trials as one table: the parent's summary.csv/.html and plots, and `lesson7-compare`.
 
 Everything is read back from the tracking store (the trials may have run in other processes or on
-other machines), through tracking.py.
+other machines), through tracking.py. So every name and value in it is data a store's writer chose:
+printed as plain text without control characters (`printable`), rendered into HTML by an autoescaping
+template, written into CSV with formula-like cells neutralised (`csv_safe`), and drawn without
+math-text parsing.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import tempfile
@@ -15,10 +19,49 @@ from typing import Any
 
 import pandas as pd
 
-from lesson7_sweeps.sweeps.names import short_names
+from lesson7_sweeps.sweeps.names import printable, short_names
 from lesson7_sweeps.tracking import MlflowLogger
 
+log = logging.getLogger(__name__)
 ENDED_WELL = ("FINISHED", "PRUNED")  # a pruned trial ended normally, stopped early on purpose
+COLUMNS = ("trial", "run_id", "run_name", "objective", "status", "duration_s", "steps")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP)
+_PAGE = """<h3>{{ title }}</h3>
+<table border="0" class="dataframe">
+<thead><tr>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</tbody>
+</table>
+"""
+
+
+def _cell(value: object) -> str:
+    return "" if pd.isna(value) else f"{value:.6g}" if isinstance(value, float) else printable(value)
+
+
+def _csv_cell(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    text = printable(value)
+    if text.startswith(_FORMULA_START) and pd.isna(pd.to_numeric(text, errors="coerce")):
+        return "'" + text  # a spreadsheet shows it as text instead of running =HYPERLINK(...)
+    return text
+
+
+def csv_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for a CSV file: text without control characters, and no cell a spreadsheet would run
+    as a formula (a leading = + - @ tab or CR gets a ' first, numbers aside)."""
+    return table.map(_csv_cell)
+
+
+def html_page(title: str, table: pd.DataFrame) -> str:
+    """The table as an HTML page, every title, header and cell escaped by the template engine."""
+    import jinja2
+
+    page = jinja2.Environment(autoescape=True).from_string(_PAGE)
+    return page.render(title=printable(title), columns=[printable(c) for c in table.columns],
+                       rows=[[_cell(v) for v in row] for row in table.itertuples(index=False)])
 
 
 @dataclass
@@ -49,15 +92,16 @@ class Summary:
     def print(self, top: int = 5) -> None:
         render(self.table.head(top), f"{self.title}: top {min(top, self.n_trials)} of {self.n_trials} trials")
         best = self.best
-        print(f"best run: {best['run_id']} ({best['run_name']}), objective {best['objective']:.6g}"
-              if best is not None else "best run: none (no trial finished)")
+        print(f"best run: {printable(best['run_id'])} ({printable(best['run_name'])}), objective "
+              f"{best['objective']:.6g}" if best is not None else "best run: none (no trial finished)")
 
 
 def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
     """The trials of the sweep whose parent run is `parent` (an MLflow Run), best first."""
     tags = parent.data.tags
     swept = [k for k in tags.get("swept", "").split(",") if k]
-    short = short_names(swept)
+    # a swept key named like a fixed column (objective, run_name...) keeps its full name, prefixed
+    short = {k: f"swept.{k}" if v in COLUMNS else v for k, v in short_names(swept).items()}
     minimize = tags.get("direction", "minimize") == "minimize"
     rows = []
     for run in logger.search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
@@ -73,7 +117,7 @@ def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
         row["duration_s"] = round((info.end_time - info.start_time) / 1000, 1) if info.end_time else None
         row["steps"] = logger.last_step(info.run_id, "epoch")
         rows.append(row)
-    columns = ["trial", "run_id", "run_name", *short.values(), "objective", "status", "duration_s", "steps"]
+    columns = [*COLUMNS[:3], *short.values(), *COLUMNS[3:]]
     table = pd.DataFrame(rows, columns=columns)
     # best first: finished by objective, then pruned, then the rest; ties by trial number
     rank = table["status"].map({"FINISHED": 0, "PRUNED": 1}).fillna(2)
@@ -88,80 +132,113 @@ def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
 
 def write_summary(parent: Any) -> Summary:
     """Log the summary onto the sweep's parent run (a sweeps.parent.Parent): summary.csv,
-    summary.html, plots, best_* tags, counts; and tag the best trial best=true."""
+    summary.html, best_* tags, counts, then the plots; and tag the best trial best=true. A plot that
+    fails loses only itself (a warning), never the table, the tags or the other plot."""
     logger = parent.logger
     (run,) = logger.search(f"attributes.run_id = '{parent.run_id}'")
     summary = trial_table(logger, run)
     best = summary.best
     with tempfile.TemporaryDirectory(prefix="lesson7-summary-") as tmp:
         out = Path(tmp)
-        summary.table.to_csv(out / "summary.csv", index=False)
-        html = summary.table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.6g}", border=0)
-        (out / "summary.html").write_text(f"<h3>{summary.title}</h3>\n{html}\n", encoding="utf-8")
-        for path in [out / "summary.csv", out / "summary.html", *plots(summary, out)]:
+        csv_safe(summary.table).to_csv(out / "summary.csv", index=False)
+        (out / "summary.html").write_text(html_page(summary.title, summary.table), encoding="utf-8")
+        for path in [out / "summary.csv", out / "summary.html"]:
             logger.log_artifact(path)
-    logger.log_metrics({"n_trials": summary.n_trials, "n_finished": summary.count("FINISHED"),
-                        "n_failed": summary.count("FAILED"), "n_pruned": summary.count("PRUNED")}, step=0)
-    if best is not None:
-        logger.set_tags({"best_run_id": best["run_id"], "best_value": repr(float(best["objective"]))})
-        logger.set_tags({"best": "true"}, run_id=best["run_id"])
+        logger.log_metrics({"n_trials": summary.n_trials, "n_finished": summary.count("FINISHED"),
+                            "n_failed": summary.count("FAILED"), "n_pruned": summary.count("PRUNED")}, step=0)
+        if best is not None:
+            logger.set_tags({"best_run_id": best["run_id"], "best_value": repr(float(best["objective"]))})
+            logger.set_tags({"best": "true"}, run_id=best["run_id"])
+        for path in plots(summary, out):
+            logger.log_artifact(path)
     return summary
 
 
 def plots(summary: Summary, out: Path) -> list[Path]:
     """objective_vs_params.png (one panel per swept parameter) and parallel_coordinates.png (each
-    finished trial a line across the swept parameters, coloured by the objective)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    finished trial a line across the swept parameters, coloured by the objective); the ones drawn.
+    A plot that fails is left out with a warning: it never costs the other one, or the summary."""
     done = summary.table[summary.table["objective"].notna()]
     if done.empty or not summary.swept:
         return []
-    axes_values = {name: _axis(done[name]) for name in summary.swept}
+    drawn = []
+    for plot in (_objective_vs_params, _parallel_coordinates):
+        try:
+            drawn.append(plot(summary, done, out))
+        except Exception as e:  # matplotlib's own errors share no base class
+            log.warning("sweep summary: %s was not drawn (%s: %s)", plot.__name__.lstrip("_"), type(e).__name__,
+                        (str(e).splitlines() or [""])[0])
+    return drawn
 
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["text.usetex"] = False  # labels are plain text, never LaTeX
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _objective_vs_params(summary: Summary, done: pd.DataFrame, out: Path) -> Path:
+    plt = _pyplot()
     # constrained layout makes room for the title and rotated ticks (tight_layout gives up on one panel)
     fig, axs = plt.subplots(1, len(summary.swept), figsize=(max(6, 4 * len(summary.swept)), 3.8), squeeze=False,
                             layout="constrained")
-    for ax, name in zip(axs[0], summary.swept):
-        x, ticks = axes_values[name]
-        ax.scatter(x, done["objective"], color="tab:blue")
-        if ticks is not None:
-            ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
-        ax.set(xlabel=name, ylabel="objective")
-    fig.suptitle(f"objective ({summary.direction}) vs each swept parameter")
-    fig.savefig(out / "objective_vs_params.png", dpi=100)
-    plt.close(fig)
+    try:
+        for ax, name in zip(axs[0], summary.swept):
+            x, ticks = _axis(done[name])
+            ax.scatter(x, done["objective"], color="tab:blue")
+            if ticks is not None:
+                ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+            ax.set(xlabel=_plain(name), ylabel="objective")
+        fig.suptitle(f"objective ({_plain(summary.direction)}) vs each swept parameter")
+        fig.savefig(out / "objective_vs_params.png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out / "objective_vs_params.png"
 
+
+def _parallel_coordinates(summary: Summary, done: pd.DataFrame, out: Path) -> Path:
     # matplotlib has no parallel-coordinates plot with a continuous colour scale (pandas' colours by
     # class), so we draw one: every axis scaled to [0, 1], tick labels give the real values
+    import matplotlib
+
+    plt = _pyplot()
     names = [*summary.swept, "objective"]
-    columns = {**axes_values, "objective": _axis(done["objective"])}
+    columns = {n: _axis(done[n]) for n in names}
     scaled = {n: _scale(columns[n][0]) for n in names}
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 1), 4), layout="constrained")
-    cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
-    lo, hi = done["objective"].min(), done["objective"].max()
-    if lo == hi:  # one finished trial (or all equal): the colour bar still needs a range
-        lo, hi = lo - (abs(lo) * 0.05 or 1), hi + (abs(hi) * 0.05 or 1)
-    norm = matplotlib.colors.Normalize(lo, hi)
-    for i, value in enumerate(done["objective"]):
-        ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(value)), alpha=0.8)
-    for j, n in enumerate(names):
-        ax.axvline(j, color="grey", lw=0.8)
-        x, ticks = columns[n]
-        ends = [f"{min(x):.4g}", f"{max(x):.4g}"]
-        labels = ticks if ticks is not None else ends[:1] if ends[0] == ends[1] else ends
-        for label, y in zip(labels, _scale(range(len(labels)))):
-            ax.text(j + 0.03, y, str(label), fontsize=8, va="center")
-    ax.set_xticks(range(len(names)), names)
-    # the scaled axes and their labels, also when every line is flat (one trial)
-    ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.1, len(names) - 0.7))
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
-    ax.set_title("trials across the swept parameters (colour: objective)")
-    fig.savefig(out / "parallel_coordinates.png", dpi=100)
-    plt.close(fig)
-    return [out / "objective_vs_params.png", out / "parallel_coordinates.png"]
+    try:
+        cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
+        lo, hi = done["objective"].min(), done["objective"].max()
+        if lo == hi:  # one finished trial (or all equal): the colour bar still needs a range
+            lo, hi = lo - (abs(lo) * 0.05 or 1), hi + (abs(hi) * 0.05 or 1)
+        norm = matplotlib.colors.Normalize(lo, hi)
+        for i, value in enumerate(done["objective"]):
+            ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(value)), alpha=0.8)
+        for j, n in enumerate(names):
+            ax.axvline(j, color="grey", lw=0.8)
+            x, ticks = columns[n]
+            ends = [f"{min(x):.4g}", f"{max(x):.4g}"]
+            labels = ticks if ticks is not None else ends[:1] if ends[0] == ends[1] else ends
+            for label, y in zip(labels, _scale(range(len(labels)))):
+                ax.text(j + 0.03, y, str(label), fontsize=8, va="center")
+        ax.set_xticks(range(len(names)), [_plain(n) for n in names])
+        # the scaled axes and their labels, also when every line is flat (one trial)
+        ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.1, len(names) - 0.7))
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
+        ax.set_title("trials across the swept parameters (colour: objective)")
+        fig.savefig(out / "parallel_coordinates.png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out / "parallel_coordinates.png"
+
+
+def _plain(label: str) -> str:
+    """A label matplotlib draws as written: an escaped $ never starts math text."""
+    return printable(label).replace("$", r"\$")
 
 
 def _axis(values: pd.Series) -> tuple[list[float], list[str] | None]:
@@ -170,7 +247,7 @@ def _axis(values: pd.Series) -> tuple[list[float], list[str] | None]:
     if numbers.notna().all():
         return [float(v) for v in numbers], None
     ticks = sorted(values.astype(str).unique())
-    return [float(ticks.index(str(v))) for v in values], ticks
+    return [float(ticks.index(str(v))) for v in values], [_plain(t) for t in ticks]
 
 
 def _scale(values: Any) -> list[float]:
@@ -180,14 +257,16 @@ def _scale(values: Any) -> list[float]:
 
 
 def render(table: pd.DataFrame, title: str) -> None:
-    """Print a trial table with rich (run ids in full: users copy them)."""
+    """Print a trial table with rich (run ids in full: users copy them). Every title, header and cell
+    is a rich Text: a name with [markup] is printed as written, never parsed."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    out = Table(title=title, title_justify="left")
+    out = Table(title=Text(printable(title)), title_justify="left")
     for column in table.columns:
-        out.add_column(column, justify="right" if column in ("trial", "objective", "duration_s", "steps") else "left",
-                       no_wrap=column == "run_id")
+        out.add_column(Text(printable(column)), no_wrap=column == "run_id",
+                       justify="right" if column in ("trial", "objective", "duration_s", "steps") else "left")
     for row in table.itertuples(index=False):
-        out.add_row(*("" if pd.isna(v) else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        out.add_row(*(Text(_cell(v)) for v in row))
     Console(width=None if sys.stdout.isatty() else 1000).print(out)  # a pipe or log file: no wrapping
