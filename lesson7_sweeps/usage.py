@@ -50,7 +50,7 @@ runs, rerun and resume:
   {PROG} --mark-failed RUN_ID... [--tracking-uri URI] end runs left RUNNING (their process died while
       the store was unreachable) as FAILED
 
-Ctrl-C or SIGTERM saves a checkpoint and marks the run KILLED (exit 128+signal); bad input is one line
+Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and marks the run KILLED (exit 128+signal); bad input is one line
 and exit code 2. Hydra's own options: {PROG} --hydra-help"""
 
 
