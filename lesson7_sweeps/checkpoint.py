@@ -214,8 +214,9 @@ def _check_optimizer(state: Any, optimizer: torch.optim.Optimizer) -> None:
         if pid not in shapes or not isinstance(entry, dict):
             raise ValueError(f"optimizer state {pid} belongs to no parameter")
         for name, v in entry.items():
-            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or (
-                    v.shape != shapes[pid] and v.numel() != 1):
+            plain = v is None or isinstance(v, (int, float))  # e.g. a step count kept as a number
+            if not plain and (not isinstance(v, torch.Tensor) or not v.is_floating_point() or (
+                    v.shape != shapes[pid] and v.numel() != 1)):
                 raise ValueError(f"optimizer state {pid}.{name} does not fit its parameter {tuple(shapes[pid])}")
     optimizer.load_state_dict(state)
 

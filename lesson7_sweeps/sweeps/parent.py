@@ -121,9 +121,13 @@ def start(cfg: DictConfig) -> Parent | None:
     the parent exists, then stops the sweep (which ends the parent KILLED)."""
     if "uri" not in cfg.tracking:  # tracking=none
         return None
-    with ckpt.stop_requests() as signals, ckpt.shielded():
-        _start(cfg)
-    _stop_on_sigterm()
+    _stop_on_sigterm()  # first: stop_requests puts these back when it ends, so no moment lacks a handler
+    try:
+        with ckpt.stop_requests() as signals, ckpt.shielded():
+            _start(cfg)
+    except BaseException:
+        _restore_sigterm()
+        raise
     if signals:
         raise SweepStopped(signals[0])
     return _active
