@@ -7,6 +7,7 @@ The runner only sees `Logger`: `start`, `log_metrics(step)`, `log_artifact`, `lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -223,7 +224,9 @@ class MlflowLogger:
                     path = Path(self.client.download_artifacts(run_id, f"checkpoints/{checkpoint}", str(dest)))
             state = load(path)  # a damaged checkpoint stops here, with the run as it was
         except BaseException:
-            self.client.delete_tag(run_id, LEASE_TAG)  # refused: the next resume need not wait for us
+            # refused: the next resume need not wait for us (if the store failed, the lease goes stale)
+            with contextlib.suppress(Exception):
+                self.client.delete_tag(run_id, LEASE_TAG)
             raise
         _quiet_store_errors()
         self._beat = time.time()

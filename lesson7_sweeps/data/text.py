@@ -210,12 +210,12 @@ def read_splits(path: Path, valid_frac: float, valid_from_line: int | None, max_
     return text[:cut], text[cut:]
 
 
-def fingerprint(path: Path) -> str:
+def fingerprint(path: Path, max_bytes: int) -> str:
     """sha256 of the text file, or of a folder's files in order (names and bytes)."""
     h = hashlib.sha256()
     for f in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(f.read_bytes())
+        h.update(read_bytes(f, max_bytes))
     return h.hexdigest()
 
 
@@ -248,7 +248,7 @@ class TextData:
             self.warnings.append(f"{self.unk_frac:.0%} of the text is {UNK} (data.min_freq={min_freq}); "
                                  f"val_loss and val_accuracy then flatter the model: lower data.min_freq")
             log.warning(self.warnings[-1])
-        self.fingerprint = fingerprint(self.path)
+        self.fingerprint = fingerprint(self.path, max_bytes)
         self.n_train, self.n_valid = len(train_text), len(valid_text)
         train_ids = batchify(self.vocab.encode(train_text), bs).to(device)
         valid_ids = batchify(self.vocab.encode(valid_text), bs).to(device)
