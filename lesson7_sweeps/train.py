@@ -266,7 +266,8 @@ def cli() -> None:
         swept = sweep.current()
         sweep.finish("KILLED", f"interrupted ({name})")
         marked = isinstance(e, Interrupted) and e.marked
-        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED" if swept
+        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED"
+                if swept and not swept.handed_over
                 else "; the run was marked KILLED" if marked else "")
         whose = "the running trial's" if swept else "its"
         saved = f"; {whose} checkpoint was saved" if isinstance(e, Interrupted) and e.saved else ""
