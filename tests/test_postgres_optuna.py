@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 
 from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
 
-from .test_optuna_sweeper import grid_sweep, mlflow_runs, run, wait_for_training
+from .test_optuna_sweeper import grid_sweep, mlflow_runs, run
+from .test_sweep_faults import held_workers
 from .test_tracking_server import Server
 
 URL = os.environ.get("LESSON7_TEST_POSTGRES_URL")
@@ -98,15 +99,19 @@ def own_cluster():
     subprocess.run([ci, "stop", folder], check=True)
 
 
-def test_a_database_outage_mid_sweep_is_one_line_and_the_study_resumes_with_mlflow_agreeing(tmp_path: Path,
+def test_a_database_outage_mid_sweep_is_one_line_and_the_same_command_resumes_the_study(tmp_path: Path,
                                                                                              own_cluster):
     url, cluster = own_cluster
     cmd = grid_sweep(tmp_path, "optim.lr=choice(0.5,0.2,0.0001)", 0, 3, "optim=sgd", "optim.momentum=0",
-                     "trainer.epochs=4", f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=outage")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                     f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=outage")
+    # trial 0 runs in a joblib worker that the test holds until the database is gone
+    proc = subprocess.Popen([*cmd, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        wait_for_training(tmp_path, proc, 1)
+        workers = held_workers(proc)
         cluster("down")
+        for w in workers:
+            w.resume()
         err = proc.communicate(timeout=300)[1]
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -117,17 +122,14 @@ def test_a_database_outage_mid_sweep_is_one_line_and_the_study_resumes_with_mlfl
     assert err.splitlines()[-1].endswith("run the same command to resume it")
 
     cluster("up")
-    run(cmd, tmp_path)
+    run(cmd, tmp_path)  # the same sweep, its trials in this process this time
     trials = optuna.load_study(study_name="outage", storage=url).trials
-    told = [t for t in trials if t.state != TrialState.FAIL]
-    assert [t.state for t in trials][:2] == [TrialState.COMPLETE, TrialState.FAIL]  # trial 1, hit by the outage
-    assert len(told) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in told)
-    assert trials[1].params in [t.params for t in trials[2:]]  # retried
-    client, runs = mlflow_runs(tmp_path, trials)
-    for t in trials:  # MLflow agrees with Optuna, trial by trial
-        assert runs[t.number].info.status == ("FAILED" if t.state == TrialState.FAIL else "FINISHED")
-    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
-    assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags
-    assert parent.data.metrics["n_failed"] == 1 and parent.data.metrics["n_trials"] == len(trials)
+    assert trials[0].state == TrialState.FAIL and trials[0].params in [t.params for t in trials[1:]]  # retried
+    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials[1:])
+    client, runs = mlflow_runs(tmp_path, trials)  # trial 0's job found the study gone before it made a run
+    assert sorted(runs) == [1, 2, 3] and {r.info.status for r in runs.values()} == {"FINISHED"}
+    parent = client.get_run(runs[1].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags  # the outage's is gone
+    assert parent.data.metrics["n_trials"] == 3
     best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert parent.data.tags["best_run_id"] == runs[best.number].info.run_id

@@ -1,7 +1,8 @@
 """Faults of a distributed Optuna sweep, for real: two sweeping processes on one study (one
 interrupted, one on "another host" that dies), a killed joblib worker, a tampered trial record, a
 result Optuna never got, and two first sweeps racing to create a new MLflow store. (A database
-outage: tests/test_postgres_optuna.py.)"""
+outage: tests/test_postgres_optuna.py.) Trials are tiny (an epoch takes ~50 ms), so a test that
+needs a trial to stay RUNNING holds its joblib worker (SIGSTOP) rather than counting on time."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def on_another_host(cmd: list[str], tmp_path: Path) -> tuple[list[str], dict[str
 @pytest.mark.slow
 def test_a_dead_sweeper_on_another_host_is_found_by_its_heartbeat_and_its_trial_retried(tmp_path: Path):
     cmd, url = shared_study(tmp_path, "optim.lr=choice(0.01,0.02)", 0, 2, "trainer.epochs=2",
-                            "hydra.sweeper.heartbeat_interval=1")
+                            "hydra.sweeper.heartbeat_interval=2")
     a_cmd, env = on_another_host(joblib_sweeper(cmd), tmp_path)
     a = start(a_cmd, tmp_path, env)
     workers = held_workers(a)
