@@ -100,7 +100,7 @@ def own_cluster():
 
 
 def test_a_database_outage_mid_sweep_is_one_line_and_the_same_command_resumes_the_study(tmp_path: Path,
-                                                                                             own_cluster):
+                                                                                        own_cluster):
     url, cluster = own_cluster
     cmd = grid_sweep(tmp_path, "optim.lr=choice(0.5,0.2,0.0001)", 0, 3, "optim=sgd", "optim.momentum=0",
                      f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=outage")

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from lesson7_sweeps.sweeps.optuna_sweeper import OWNER
 
 from .conftest import run_cli
-from .test_optuna_sweeper import grid_sweep, mlflow_runs, study, wait_for_training
+from .test_optuna_sweeper import grid_sweep, mlflow_runs, study
 
 
 def shared_study(tmp_path: Path, space: str, seed: int, n_trials: int, *extra: str) -> tuple[list[str], str]:
@@ -42,7 +42,7 @@ def wait_until(check, proc: subprocess.Popen, what: str, timeout: float = 300) -
     while time.time() < deadline:
         if check():
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"never {what}: {proc.communicate()[1][-2000:]}")
 
@@ -143,11 +143,12 @@ def test_a_dead_sweeper_on_another_host_is_found_by_its_heartbeat_and_its_trial_
 @pytest.mark.slow
 def test_a_killed_joblib_worker_fails_its_trial_which_is_retried_and_the_sweep_goes_on(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/multirun/optuna.db"
-    proc = start(grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02,0.03)", 0, 3, "trainer.epochs=3",
+    proc = start(grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02,0.03)", 0, 3, "trainer.epochs=20",
                             "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), tmp_path)
-    wait_for_training(tmp_path, proc, 0)
+    log = tmp_path / "multirun" / "0" / "train.log"
+    wait_until(lambda: log.exists() and "MLflow run" in log.read_text(), proc, "saw trial 0 start")  # ~1 s to go
     (worker,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if any(f.path.endswith("multirun/0/train.log") for f in p.open_files())]
+                 if any(f.path == str(log) for f in p.open_files())]
     worker.kill()
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     trials = study(url).trials
@@ -158,10 +159,10 @@ def test_a_killed_joblib_worker_fails_its_trial_which_is_retried_and_the_sweep_g
     assert all(t.state == TrialState.COMPLETE for t in trials if t.state != TrialState.FAIL)
     assert len(trials) - len(retries) == 3  # n_trials, a retried trial counted once
     client, runs = mlflow_runs(tmp_path, trials)
-    for t in trials:
-        assert runs[t.number].info.status == ("FAILED" if t.state == TrialState.FAIL else "FINISHED")
-    assert runs[0].data.tags["failure_reason"].startswith("its worker process died")
-    assert_summary_written_once(client, the_parent(client, runs), len(trials))
+    assert {n: r.info.status for n, r in runs.items()} == {
+        t.number: "FAILED" if t.state == TrialState.FAIL else "FINISHED" for t in trials if t.number in runs}
+    assert runs[0].data.tags["failure_reason"] == "its worker process died (TerminatedWorkerError)"
+    assert_summary_written_once(client, the_parent(client, runs), len(runs))
 
 
 def test_a_tampered_trial_record_is_refused_in_one_line_and_leaves_no_trial_running(monkeypatch, capsys,
