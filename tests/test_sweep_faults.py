@@ -38,10 +38,13 @@ def start(cmd: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> 
 
 
 def wait_until(check, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Until `check()` holds; fails at once if `proc` ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if check():
             return
+        if proc.poll() is not None:
+            break
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"never {what}: {proc.communicate()[1][-2000:]}")

@@ -323,7 +323,10 @@ class OptunaSweeper(Sweeper):
 
         if trials is None:
             trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        run_ids = [t.user_attrs[RUN_ID] for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(RUN_ID)]
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        run_ids = [t.user_attrs[RUN_ID] for t in failed if t.user_attrs.get(RUN_ID)]
+        # a job killed between starting its run and recording it on the trial: found by its tags
+        run_ids += parent.trial_runs([t.number for t in failed if not t.user_attrs.get(RUN_ID)])
         if run_ids and "uri" in self.config.tracking:
             fail_runs(self.config.tracking.uri, run_ids, why)
 

@@ -204,6 +204,14 @@ def claim_end(key: str, owner: str) -> bool:
     return _active is None or _active.logger.claim(key, owner)
 
 
+def trial_runs(numbers: list[int]) -> list[str]:
+    """The run ids of these trials (Hydra job numbers) of the active sweep, by their `trial` tag."""
+    if _active is None or not numbers:
+        return []
+    return [r.info.run_id for n in numbers for r in _active.logger.search(
+        f"tags.`mlflow.parentRunId` = '{_active.run_id}' and tags.trial = '{n}'", experiment_id=_active.experiment_id)]
+
+
 def _left_to_another(parent: Parent) -> bool:
     if parent.handed_over is None:
         return False
