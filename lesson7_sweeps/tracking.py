@@ -119,12 +119,14 @@ class MlflowLogger:
     def prepare(self) -> str:
         """Check the server answers, create the store and the experiment if needed (once, before
         parallel jobs); the experiment's id."""
+        with self._creating():
+            return self._prepare()
+
+    def _prepare(self) -> str:
         from mlflow import MlflowClient
 
         self.check()
         try:
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(self.experiment)
         except Exception as e:  # OSError, sqlalchemy's and MLflow's errors: a store that cannot be opened
@@ -144,6 +146,28 @@ class MlflowLogger:
             if exp is None:
                 raise
             return exp.experiment_id
+
+    @contextmanager
+    def _creating(self) -> Iterator[None]:
+        """A lock on a sqlite store's folder while the store is opened: MLflow creates a new store by
+        running its schema migrations, and two processes doing so at once break it ("table ... already
+        exists", "Online migration expected to match one row")."""
+        import fcntl
+
+        folder = Path(self.uri.removeprefix("sqlite:///")).expanduser().parent
+        try:
+            if not self.uri.startswith("sqlite:///"):
+                raise OSError
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # not a local store, or a folder that check() reports in one line
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def check(self, writing: bool = True) -> None:
         """A server must answer one GET of its /health (with the user's MLflow credentials and TLS
@@ -186,10 +210,27 @@ class MlflowLogger:
         self._start_system_metrics()
 
     def attach(self, run_id: str) -> None:
-        """Write into an existing run (a sweep's parent found again), marking it RUNNING."""
+        """Write into an existing run (a sweep's parent found again), marking it RUNNING; the reason
+        it failed last time no longer describes it."""
         self.prepare()
         self.run_id = run_id
+        if "failure_reason" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "failure_reason")
         self.client.update_run(run_id, status="RUNNING")
+
+    def claim(self, key: str, value: str) -> bool:
+        """Param `key` = `value` on this run, unless another value holds it: MLflow never changes a
+        param (the store's unique key), so of several processes claiming one key exactly one wins."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+        try:
+            self.client.log_param(self.run_id, key, value)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
+                raise
+            return False
+        return True
 
     def _start_system_metrics(self) -> None:
         """MLflow's own CPU/GPU utilisation and memory sampler, logged into this run (opt-in)."""
@@ -229,6 +270,8 @@ class MlflowLogger:
                 self.client.delete_tag(run_id, LEASE_TAG)
             raise
         _quiet_store_errors()
+        if "failure_reason" in run.data.tags:  # training again: how it ended last time is past
+            self.client.delete_tag(run_id, "failure_reason")
         self._beat = time.time()
         self.client.set_tag(run_id, HEARTBEAT_TAG, str(int(self._beat)))
         self.client.update_run(run_id, status="RUNNING")
@@ -494,13 +537,20 @@ def heartbeat_age(run: Any) -> float | None:
     return None if run.info.status != "RUNNING" or beat is None else time.time() - float(beat)
 
 
-def fail_orphan_run(uri: str, run_id: str, reason: str) -> None:
-    """Mark FAILED a run that its process left RUNNING when it died (a trial of a killed sweep)."""
+def fail_runs(uri: str, run_ids: list[str], reason: str) -> None:
+    """Mark FAILED the runs that are RUNNING or FINISHED: trials that failed elsewhere (a sweep's
+    study says so: their process died, or their result was never told)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        _end(client, run_id, "FAILED", reason)
+    for run_id in run_ids:
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:  # deleted meanwhile: nothing to make agree
+            continue
+        if status in ("RUNNING", "FINISHED"):
+            _end(client, run_id, "FAILED", reason)
 
 
 def _end(client: Any, run_id: str, status: str, reason: str) -> None:

@@ -265,7 +265,8 @@ def cli() -> None:
         sweep.finish("KILLED", f"interrupted ({name})")
         marked = isinstance(e, Interrupted) and e.marked
         ended = getattr(e, "ended", None)  # a signal while a completed sweep was being ended
-        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED" if swept
+        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED"
+                if swept and not swept.handed_over
                 else f"; the sweep {e.sweep_id} had ended {ended}, its summary written" if ended
                 else "; the run was marked KILLED" if marked else "")
         whose = "the running trial's" if swept else "its"

@@ -121,13 +121,16 @@ def run(cmd: list[str], tmp_path: Path, code: int = 0) -> subprocess.CompletedPr
 
 
 def mlflow_runs(tmp_path: Path, trials: list[optuna.trial.FrozenTrial]) -> tuple[MlflowClient, dict[int, object]]:
-    """Every run of the test experiment, by the number of the trial that recorded it."""
+    """Every run of the test experiment, by the number of the trial that recorded it (its `trial`
+    tag; a job killed before it started a run has none)."""
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])}
-    by_trial = {t.number: runs.pop(t.user_attrs[RUN_ID]) for t in trials}
-    (parent,) = runs.values()  # no run without its trial, but the sweep's parent run
-    assert parent.data.tags["run_type"] == "sweep"
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    by_trial = {int(r.data.tags["trial"]): r for r in runs if "trial" in r.data.tags}
+    (parent,) = [r for r in runs if "trial" not in r.data.tags]  # no run but the trials' and the sweep's parent
+    assert parent.data.tags["run_type"] == "sweep" and set(by_trial) <= {t.number for t in trials}
     assert {r.data.tags["mlflow.parentRunId"] for r in by_trial.values()} == {parent.info.run_id}
+    for t in trials:  # a trial records its job's run (a job killed early may not have yet)
+        assert not t.user_attrs.get(RUN_ID) or t.user_attrs[RUN_ID] == by_trial[t.number].info.run_id
     return client, by_trial
 
 

@@ -1,5 +1,6 @@
 """A parallel Optuna sweep with pruning against a real `mlflow server` backed by PostgreSQL, with
-the Optuna storage on the same PostgreSQL: the set-up the README gives for many machines.
+the Optuna storage on the same PostgreSQL: the set-up the README gives for many machines. And a
+database outage in the middle of a sweep, on a cluster of its own that the test stops and restarts.
 
 `.ci/run` starts a throwaway cluster (`.ci/postgres`) and exports LESSON7_TEST_POSTGRES_URL; locally:
     eval "$(.ci/postgres)"   # then run this file; `.ci/postgres stop $LESSON7_TEST_POSTGRES_DIR`
@@ -8,6 +9,8 @@ the Optuna storage on the same PostgreSQL: the set-up the README gives for many 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from optuna.trial import TrialState
 
 from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
 
-from .test_optuna_sweeper import grid_sweep, run
+from .test_optuna_sweeper import grid_sweep, mlflow_runs, run
+from .test_sweep_faults import held_workers
 from .test_tracking_server import Server
 
 URL = os.environ.get("LESSON7_TEST_POSTGRES_URL")
@@ -81,3 +85,51 @@ def test_parallel_pruned_sweep_on_an_mlflow_server_and_optuna_storage_in_postgre
             assert t.value == r.data.metrics["val_loss"]
         assert {"train_loss", "val_accuracy", "val_bpc"} <= set(r.data.metrics)
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}  # through the server
+
+
+@pytest.fixture
+def own_cluster():
+    """A throwaway cluster of this test's own (stopping the shared one would fail the tests beside it)."""
+    ci = Path(__file__).resolve().parents[1] / ".ci" / "postgres"
+    env = dict(line.removeprefix("export ").split("=", 1) for line in
+               subprocess.run([ci], capture_output=True, text=True, check=True).stdout.splitlines())
+    folder = env["LESSON7_TEST_POSTGRES_DIR"]
+    yield env["LESSON7_TEST_POSTGRES_URL"].replace("postgresql://", "postgresql+psycopg2://"), \
+        lambda what: subprocess.run([ci, what, folder], check=True)
+    subprocess.run([ci, "stop", folder], check=True)
+
+
+def test_a_database_outage_mid_sweep_is_one_line_and_the_same_command_resumes_the_study(tmp_path: Path,
+                                                                                        own_cluster):
+    url, cluster = own_cluster
+    cmd = grid_sweep(tmp_path, "optim.lr=choice(0.5,0.2,0.0001)", 0, 3, "optim=sgd", "optim.momentum=0",
+                     f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=outage")
+    # trial 0 runs in a joblib worker that the test holds until the database is gone
+    proc = subprocess.Popen([*cmd, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        workers = held_workers(proc)
+        cluster("down")
+        for w in workers:
+            w.resume()
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    shown = url.split("//", 1)[1]
+    assert err.splitlines()[-1].startswith(f"lesson7-train: error: the Optuna storage postgresql+psycopg2://{shown} "
+                                           f"failed ("), err[-1500:]
+    assert err.splitlines()[-1].endswith("run the same command to resume it")
+
+    cluster("up")
+    run(cmd, tmp_path)  # the same sweep, its trials in this process this time
+    trials = optuna.load_study(study_name="outage", storage=url).trials
+    assert trials[0].state == TrialState.FAIL and trials[0].params in [t.params for t in trials[1:]]  # retried
+    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials[1:])
+    client, runs = mlflow_runs(tmp_path, trials)  # trial 0's job found the study gone before it made a run
+    assert sorted(runs) == [1, 2, 3] and {r.info.status for r in runs.values()} == {"FINISHED"}
+    parent = client.get_run(runs[1].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags  # the outage's is gone
+    assert parent.data.metrics["n_trials"] == 3
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert parent.data.tags["best_run_id"] == runs[best.number].info.run_id

@@ -46,7 +46,8 @@ class OptunaSweeperConf:
     study_name: Any = None  # needed with storage; the same storage + study_name resumes the study
     new_study: bool = False  # true = replace a stored study of this name whose search space differs
     max_failure_rate: float = 0.25  # stop once more than this fraction of n_trials has failed
-    heartbeat_interval: int = 60  # seconds; a trial without a heartbeat for 2 intervals is FAIL (dead sweeper)
+    heartbeat_interval: int = 60  # seconds; a trial without a heartbeat for 2 intervals is FAIL (dead sweeper);
+    # also how often a sweeper with nothing left to ask looks at the other sweepers' trials
     pruner: str = "median"  # median | hyperband | none
     median: MedianPrunerConf = field(default_factory=MedianPrunerConf)
     hyperband: HyperbandPrunerConf = field(default_factory=HyperbandPrunerConf)

@@ -7,18 +7,30 @@ No batch barrier: `n_jobs` threads each launch one trial at a time through Hydra
 slot frees the moment its trial ends and the sampler's next suggestion starts there. Trial N of the
 study runs as Hydra job N (`initial_job_idx`), so job numbers are unique across resumes and across
 several sweeping processes sharing one study. Ask and tell stay on the main thread.
+
+Several sweepers may share one study (on several machines). Each owns the trials it launched, by an
+id of its own (`_Owner`), and ends nothing else: another's trials are failed only when that sweeper
+is dead (its lock here, or Optuna's heartbeat elsewhere). A sweeper ends when the study is complete,
+waiting for the others' running trials (whose retries may fall to it), and the last one writes the
+parent's summary. Optuna's state of a trial is the truth; its MLflow run is made to agree.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
+import re
 import socket
 import sys
+import tempfile
 import threading
+import time
+import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +40,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.errors import ConfigError, UserError
+from lesson7_sweeps.sweeps import parent
 from lesson7_sweeps.sweeps.optuna_study import (
     SAMPLERS,
     build_pruner,
@@ -43,7 +56,9 @@ if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this 
     from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
-OWNER = "owner"  # trial user attr: host:pid of the sweeping process that launched it
+OWNER = "owner"  # trial user attr: the id of the sweeping process that launched it (_Owner)
+OWNER_HOST = "owner_host"  # trial user attr: its host, for people reading the study
+OWNER_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class OptunaSweeper(Sweeper):
@@ -61,7 +76,10 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
         try:
-            return self._sweep(arguments)
+            try:
+                return self._sweep(arguments)
+            except _storage_errors() as e:
+                raise UserError(self._outage(e)) from None
         except UserError as e:  # Hydra would print a traceback and exit 1: one line and exit 2, as the CLI does
             from lesson7_sweeps.train import PROG
 
@@ -87,51 +105,103 @@ class OptunaSweeper(Sweeper):
         study = self._open_study(space, fixed, direction(s, objective), storage_url(s, str(sweep_dir)))
         n_trials = min(s.n_trials, math.prod(map(len, search_space.grid(space).values()))) if s.sampler == "grid" \
             else s.n_trials
+        owner = _Owner()
+        _fail_dead(study, owner.id)  # a sweeper of this study that died: its trials, before counting
+        self._agree(study)
+        complete_before = _count(study) >= n_trials and not _running(study)  # a re-run of an ended study
         log.info("Optuna study %s (%s %s): %d of %d trials done; %d at once", study.study_name,
                  study.direction.name.lower(), objective, _count(study), n_trials, s.n_jobs)
 
         pool = ThreadPoolExecutor(s.n_jobs, thread_name_prefix="trial") if s.n_jobs > 1 else None
         running: dict[Future, optuna.Trial] = {}
         returns: list[JobReturn] = []
-        n_failed, stop = 0, False
+        n_failed, stop, left = 0, False, False
         beat = _Heartbeat(study, s.heartbeat_interval)
         try:
             while True:
-                _fail_dead(study)  # another sweeper of this study may have died
+                _fail_dead(study, owner.id)  # another sweeper of this study may have died
                 while not stop and len(running) < s.n_jobs and _count(study) < n_trials:
-                    trial = study.ask(space)
-                    trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
-                    trial.set_user_attr(RUN_ID, None)  # not a retry's copy of the failed trial's: a run of its own
+                    trial = self._ask(study, space, owner, beat)
                     overrides = fixed + [search_space.to_override(k, v) for k, v in trial.params.items()]
-                    beat.add(trial)  # first: an in-process trial interrupted at its start is ours to fail
                     running[self._start(pool, overrides, trial.number)] = trial
                 if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    if stop or not _running(study):
+                        break
+                    # other sweepers' trials: wait, as their retries may fall to us (a dead sweeper's)
+                    time.sleep(s.heartbeat_interval)
+                    continue
+                done, _ = wait(running, timeout=s.heartbeat_interval, return_when=FIRST_COMPLETED)
                 for fut in done:
                     trial = running.pop(fut)
-                    beat.remove(trial)
-                    ret = fut.result()
-                    returns.append(ret)
-                    n_failed += self._tell(study, trial, ret) == TrialState.FAIL
+                    try:
+                        ret = fut.result()
+                    except BrokenProcessPool as e:  # the launcher's worker died (SIGKILL, OOM): not the sweep
+                        self._lost(study, trial, e)
+                    else:
+                        returns.append(ret)
+                        n_failed += self._tell(study, trial, ret) == TrialState.FAIL
+                    beat.remove(trial)  # once told: until then it is ours to fail on the way out
                 if not stop and n_failed > s.max_failure_rate * n_trials:
                     stop = True
                     log.error("%d trials failed: more than hydra.sweeper.max_failure_rate=%s of %d; waiting for "
                               "the %d running trials, then stopping", n_failed, s.max_failure_rate, n_trials,
                               len(running))
-        except BaseException:  # Ctrl-C or a launcher error: no trial of ours stays RUNNING
-            for trial in list(beat.trials.values()):
-                study.tell(trial, state=TrialState.FAIL)
+        except BaseException:  # Ctrl-C, a launcher or storage error: no trial of ours stays RUNNING
+            left = self._abandon(study, list(beat.trials.values()))
+            try:
+                if not left and _running(study):
+                    parent.hand_over(f"other sweepers of study {study.study_name} still run trials")
+            except _storage_errors():  # the database is away: nobody else can end the study either
+                pass
             raise
         finally:
             beat.stop()
+            owner.release(keep=left)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        self._report(study, sweep_dir)
+        # the parent is ended once, by the last sweeper of the study (the claim settles a tie)
+        if stop and _running(study):
+            parent.hand_over(f"other sweepers of study {study.study_name} still run trials")
+        elif complete_before or parent.claim_end(f"ended_by.trials_{len(study.trials)}", owner.id):
+            self._report(study, sweep_dir)
+        else:
+            parent.hand_over(f"another sweeper of study {study.study_name} ends it")
         if stop:
             raise UserError(f"the sweep stopped: {n_failed} trials failed, more than hydra.sweeper.max_failure_rate="
                             f"{s.max_failure_rate} of n_trials={n_trials}; see the failed runs' failure_reason tag")
         return returns
+
+    def _ask(self, study: optuna.Study, space: dict[str, Any], owner: _Owner, beat: _Heartbeat) -> optuna.Trial:
+        """A new trial of ours, owned and beating before its parameters are drawn: a study record the
+        space does not fit (tampered, foreign) fails it at once, in one line, instead of leaving it RUNNING."""
+        from optuna.trial import TrialState
+
+        trial = study.ask()  # study.ask(space) would lose the new trial's id if a parameter is refused
+        trial.set_user_attr(OWNER, owner.id)
+        trial.set_user_attr(OWNER_HOST, socket.gethostname())
+        trial.set_user_attr(RUN_ID, None)  # not a retry's copy of the failed trial's: a run of its own
+        beat.add(trial)  # first: an in-process trial interrupted at its start is ours to fail
+        try:
+            for name, distribution in space.items():
+                trial._suggest(name, distribution)  # what study.ask(space) does
+        except ValueError as e:
+            beat.remove(trial)
+            study.tell(trial, state=TrialState.FAIL)
+            raise UserError(f"study {study.study_name} holds a trial record this sweep's search space does not fit "
+                            f"({e}): a tampered or foreign record; start a new study with "
+                            f"hydra.sweeper.study_name=NEW") from None
+        return trial
+
+    def _outage(self, e: BaseException) -> str:
+        """One line for a storage that went away: what failed, and that the study resumes."""
+        from sqlalchemy.engine import make_url
+
+        url = storage_url(self.settings, str(self.config.hydra.sweep.dir))
+        shown = make_url(url).render_as_string(hide_password=True)
+        cause = e.__cause__ or e.__context__ or e
+        return (f"the Optuna storage {shown} failed ({str(getattr(cause, 'orig', cause)).strip().splitlines()[0]}): "
+                f"the study keeps every trial it was told; once the database is back, run the same command "
+                f"to resume it")
 
     def _check(self, space: dict[str, Any]) -> None:
         check_settings(self.settings, self.config.hydra.launcher, space)
@@ -162,8 +232,34 @@ class OptunaSweeper(Sweeper):
             state, value = TrialState.COMPLETE, float(ret.return_value)
         else:
             state, value = TrialState.FAIL, None
-        study.tell(trial, value, state=state)
-        return state
+        told = study.tell(trial, value, state=state, skip_if_finished=True)
+        if told.state != state:  # another sweeper ended it (its heartbeat looked stale): that stands
+            log.warning("trial %d was already ended %s by another sweeper; its result is dropped", trial.number,
+                        told.state.name)
+            self._agree(study, [told])
+        return told.state
+
+    def _lost(self, study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None:
+        """A trial whose launcher worker died (a killed joblib worker; loky then ends every worker of
+        its pool, so a trial running beside it is lost too): FAIL and retried once, as a dead
+        sweeper's; not counted against max_failure_rate."""
+        from optuna.trial import TrialState
+
+        told = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        if told.state == TrialState.FAIL:
+            self._dead(study, told, f"its worker process died ({type(e).__name__})")
+
+    def _abandon(self, study: optuna.Study, trials: list[optuna.Trial]) -> bool:
+        """Fail our running trials on the way out; whether some are left RUNNING (a storage that is
+        down), for the next sweeper of the study to fail when it finds our lock free."""
+        from optuna.trial import TrialState
+
+        for trial in trials:
+            try:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except _storage_errors():
+                return True
+        return False
 
     # ---- the study -------------------------------------------------------------------------------
 
@@ -204,16 +300,30 @@ class OptunaSweeper(Sweeper):
         study.set_user_attr("fixed_overrides", fixed)
         return study
 
-    def _dead(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial whose sweeper died (now FAIL in Optuna): FAILED in MLflow too, and retried once."""
-        from optuna.storages import RetryFailedTrialCallback
+    def _dead(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str = "its sweeper died") -> None:
+        """A trial whose process died (now FAIL in Optuna): FAILED in MLflow too, and retried once."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        from lesson7_sweeps.tracking import fail_orphan_run
+        self._agree(study, [trial], why)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+        log.warning("trial %d: %s; FAIL, to be retried once", trial.number, why)
 
-        if trial.user_attrs.get(RUN_ID) and "uri" in self.config.tracking:
-            fail_orphan_run(self.config.tracking.uri, trial.user_attrs[RUN_ID], "its sweeper died")
-        RetryFailedTrialCallback(max_retry=1)(study, trial)
-        log.warning("trial %d was left RUNNING by a sweeper that died: FAIL, to be retried", trial.number)
+    def _agree(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None,
+               why: str = "FAIL in the Optuna study (its result was never told)") -> None:
+        """Optuna's state of a trial is the truth: the MLflow runs of FAIL trials (all, or `trials`)
+        that are RUNNING or FINISHED (their sweeper died or lost the database before telling) end FAILED."""
+        from optuna.trial import TrialState
+
+        from lesson7_sweeps.tracking import fail_runs
+
+        if trials is None:
+            trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        run_ids = [t.user_attrs[RUN_ID] for t in failed if t.user_attrs.get(RUN_ID)]
+        # a job killed between starting its run and recording it on the trial: found by its tags
+        run_ids += parent.trial_runs([t.number for t in failed if not t.user_attrs.get(RUN_ID)])
+        if run_ids and "uri" in self.config.tracking:
+            fail_runs(self.config.tracking.uri, run_ids, why)
 
     def _sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
         s = self.settings
@@ -238,45 +348,112 @@ class OptunaSweeper(Sweeper):
     def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
         """Importances and history plots onto the sweep's parent run, when there is one."""
         from lesson7_sweeps.sweeps.optuna_report import write_report
-        from lesson7_sweeps.sweeps.parent import current
 
-        parent = current()
-        if parent is not None:
+        run = parent.current()
+        if run is not None:
             for path in write_report(study, sweep_dir / "optuna"):
-                parent.log_artifact(path, "optuna")
+                run.log_artifact(path, "optuna")
 
 
 def _count(study: optuna.Study) -> int:
-    """Trials that count towards n_trials: all of them, but a FAIL that is retried counts once."""
-    from optuna.storages import RetryFailedTrialCallback
-
-    trials = study.get_trials(deepcopy=False)
-    return len(trials) - len({RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None})
-
-
-def _fail_dead(study: optuna.Study) -> None:
-    """Fail the RUNNING trials whose sweeper is gone: on this host a dead pid says so at once; on
-    another host Optuna's heartbeat does, two intervals after the last beat."""
-    import optuna
+    """Trials that count towards n_trials: all of them but those still WAITING to run, and a FAIL
+    that is retried counts once (its retry, when that has run)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner_host, _, pid = str(t.user_attrs.get(OWNER, "")).partition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            study._storage.get_heartbeat_stale_trial_callback()(study, study._storage.get_trial(t._trial_id))
+    trials = study.get_trials(deepcopy=False)
+    started = [t for t in trials if t.state != TrialState.WAITING]
+    return len(started) - len({RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None})
+
+
+def _running(study: optuna.Study) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """A database that went away: Optuna wraps some of SQLAlchemy's errors, not all."""
+    import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
+
+    return StorageInternalError, sqlalchemy.exc.SQLAlchemyError
+
+
+def _fail_dead(study: optuna.Study, me: str) -> None:
+    """Fail the RUNNING trials whose sweeper is gone: one of this machine says so at once (its lock
+    is free), another machine's through Optuna's heartbeat, two intervals after its last beat. A
+    trial that no sweeper ever owned (a crash between ask and owning it) is dead after as long."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    grace = 2 * storage.get_heartbeat_interval()
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    owners = {str(t.user_attrs.get(OWNER, "")) for t in running} - {me}
+    dead = {o for o in owners if _Owner.dead_here(o)}
+    for t in running:
+        owner = str(t.user_attrs.get(OWNER, ""))
+        unowned = owner == "" and t.datetime_start is not None and time.time() - t.datetime_start.timestamp() > grace
+        if owner in dead or unowned:
+            try:
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another sweeper failed it first
+                continue
+            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(t._trial_id))
+    for owner in dead:
+        _Owner.forget(owner)
     optuna.storages.fail_stale_trials(study)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+class _Owner:
+    """This sweeping process's id (unique: two machines may share a host name, a pid is reused),
+    with a lock held on a file of that name in this machine's temp folder while the process lives:
+    a free lock says at once that the sweeper died. Only a lock file here counts, so a forged or
+    another machine's owner is left to the heartbeat."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex
+        self.path = self.folder() / f"{self.id}.lock"
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    @staticmethod
+    def folder() -> Path:
+        path = Path(tempfile.gettempdir()) / "lesson7-sweepers"
+        if not path.is_dir():
+            path.mkdir(exist_ok=True)
+            path.chmod(0o1777)  # every user's sweepers, as in /tmp
+        return path
+
+    @classmethod
+    def dead_here(cls, owner: str) -> bool:
+        if not OWNER_ID.fullmatch(owner):
+            return False
+        path = cls.folder() / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # another machine's sweeper, or one that ended cleanly
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
         return True
-    return True
+
+    @classmethod
+    def forget(cls, owner: str) -> None:
+        """A dead sweeper whose trials are failed now: its lock file goes."""
+        (cls.folder() / f"{owner}.lock").unlink(missing_ok=True)
+
+    def release(self, keep: bool) -> None:
+        """Free the lock; `keep` its file when trials of ours are left RUNNING: it says we are gone."""
+        if not keep:
+            self.forget(self.id)
+        os.close(self.fd)
 
 
 class _Heartbeat:
@@ -300,7 +477,10 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self.done.wait(self.interval):
             for trial_id in list(self.trials):
-                self.study._storage.record_heartbeat(trial_id)
+                try:
+                    self.study._storage.record_heartbeat(trial_id)
+                except Exception:  # a database outage: the main thread reports it; a late beat is no harm
+                    break
 
     def stop(self) -> None:
         self.done.set()

@@ -96,6 +96,7 @@ class Parent:
     spec: SweepSpec
     objective: str
     experiment_id: str
+    handed_over: str | None = None  # why another sweeper of the study ends this parent, not this process
 
     @property
     def run_id(self) -> str:
@@ -207,6 +208,35 @@ def _restore_sigterm() -> None:
     _previous_handlers.clear()
 
 
+def hand_over(why: str) -> None:
+    """Several sweepers share one study: this process leaves the parent run (RUNNING, no summary) to
+    the sweeper that ends the study."""
+    if _active is not None:
+        _active.handed_over = why
+
+
+def claim_end(key: str, owner: str) -> bool:
+    """Whether this sweeper of a shared study ends the parent: the first to claim `key` (one per end
+    of the study), so that two sweepers ending at once write the summary once."""
+    return _active is None or _active.logger.claim(key, owner)
+
+
+def trial_runs(numbers: list[int]) -> list[str]:
+    """The run ids of these trials (Hydra job numbers) of the active sweep, by their `trial` tag."""
+    if _active is None or not numbers:
+        return []
+    return [r.info.run_id for n in numbers for r in _active.logger.search(
+        f"tags.`mlflow.parentRunId` = '{_active.run_id}' and tags.trial = '{n}'", experiment_id=_active.experiment_id)]
+
+
+def _left_to_another(parent: Parent) -> bool:
+    if parent.handed_over is None:
+        return False
+    log.info("sweep %s: %s; the parent run %s stays RUNNING until the study ends", parent.sweep_id,
+             parent.handed_over, parent.run_id)
+    return True
+
+
 def finish(status: str | None = None, reason: str | None = None) -> None:
     """End the active sweep: write its summary and end the parent run — FINISHED when the sweep
     completed (FAILED when every trial failed), or `status` (KILLED on an interrupt). Trials still
@@ -227,7 +257,9 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
 
 
 def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
-    """finish(), unshielded; the status the parent ended with."""
+    """finish(), unshielded; the status the parent ended with ("" when another sweeper ends it)."""
+    if _left_to_another(parent):
+        return ""
     from lesson7_sweeps.sweeps.summary import write_summary  # matplotlib/pandas: only when needed
 
     try:
