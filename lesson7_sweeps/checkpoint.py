@@ -81,10 +81,15 @@ class _Requests(list):
 _active: _Requests | None = None  # the requests of the open run (stop_requests nests)
 
 
+# SIGTERM: what SLURM sends before it kills a job (scancel, preemption, requeue); SIGUSR2: what
+# submitit asks SLURM to send `signal_delay_s` before the time limit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """While active, SIGINT and SIGTERM (what SLURM sends before it kills a job) only *ask* the
-    training loop to stop: it saves a checkpoint at the next step boundary, where every state is
+    """While active, SIGINT, SIGTERM and SIGUSR2 (STOP_SIGNALS) only *ask* the training loop to
+    stop: it saves a checkpoint at the next step boundary, where every state is
     consistent (`stopping`). A second signal interrupts at once, unless the run is already on its
     way out (`stopping` was called, or `shielded()`: closing the run), where every further signal
     is only recorded, so that no signal can leave a run RUNNING. Nested uses share one list; yields
@@ -101,7 +106,7 @@ def stop_requests() -> Iterator[list[int]]:
             received.shielded = True
             raise Interrupted(signum, saved=False)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     _active = received
     try:
         yield received
@@ -109,6 +114,15 @@ def stop_requests() -> Iterator[list[int]]:
         for s, h in previous.items():
             signal.signal(s, h)
         _active = None
+        _pass_on_requeue(received, previous[signal.SIGUSR2])
+
+
+def _pass_on_requeue(received: list[int], before: Any) -> None:
+    """A SIGUSR2 that a submitit job got while training: once our checkpoint is saved and the run
+    ended, hand it to submitit's own handler, which requeues the job (up to max_num_timeout times
+    after a time limit) and exits; the job's next start continues the run."""
+    if signal.SIGUSR2 in received and callable(before):
+        before(signal.SIGUSR2, None)
 
 
 def stopping(signals: list[int], saved: bool) -> Interrupted:

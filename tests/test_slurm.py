@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,4 +65,63 @@ def test_a_grid_sweep_runs_its_jobs_on_the_cluster(tmp_path: Path, text_file: Pa
     assert parent.data.metrics["n_finished"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert queue_empty()
+
+
+def sweep_cmd_on_slurm(tmp_path: Path, n_trials: int, epochs: int, *extra: str) -> list[str]:
+    """A random-sampled Optuna sweep of `n_trials` tiny trials of `epochs` epochs (about 19 steps
+    each) on the cluster, two at once, checkpointing every epoch, no pruning."""
+    return grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02,0.03,0.04)", 0, n_trials, "hydra.sweeper.n_jobs=2",
+                      "hydra.sweeper.pruner=none", f"trainer.epochs={epochs}", "trainer.checkpoints=true",
+                      "trainer.log_every=1", *SLURM, *extra)
+
+
+def training_run(tmp_path: Path, trial: int, min_epochs: int, proc: subprocess.Popen) -> object:
+    """The MLflow run of `trial` once it has evaluated `min_epochs` epochs (so it has a checkpoint)."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        runs = [r for r in all_runs(tmp_path) if r.data.tags.get("trial") == str(trial)] \
+            if (tmp_path / "mlflow.db").exists() else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= min_epochs:
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(f"trial {trial} did not train {min_epochs} epochs in time")
+
+
+def job_states(job_id: str) -> list[str]:
+    """Every record of the job in SLURM's accounting, oldest first (a requeue adds one: REQUEUED)."""
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()
+
+
+def assert_steps_once(client: MlflowClient, run_id: str, epochs: int) -> None:
+    """Every step of the run logged once, up to the last epoch: nothing lost or repeated across jobs."""
+    val = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    train = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert len(val) == epochs and len(set(val)) == len(val)
+    assert sorted(train) == list(range(1, max(val) + 1))
+
+
+def test_a_requeued_trial_saves_a_checkpoint_and_its_next_job_continues_the_same_run(tmp_path: Path):
+    proc = subprocess.Popen(sweep_cmd_on_slurm(tmp_path, 2, 25), cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = training_run(tmp_path, 0, 3, proc)
+    job = first.data.tags["slurm_job_id"]
+    subprocess.run(["scontrol", "requeue", job], check=True)  # what preemption with PreemptMode=REQUEUE does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    client, runs = mlflow_runs(tmp_path, found)  # one parent, one run per trial: the requeue made none
+    assert [t.state for t in found] == [TrialState.COMPLETE] * 2
+    assert runs[0].info.run_id == first.info.run_id and runs[0].info.status == "FINISHED"
+    assert "failure_reason" not in runs[0].data.tags
+    assert job_states(job)[0] == "REQUEUED" and job_states(job)[-1] == "COMPLETED"
+    log = (tmp_path / "multirun" / "0" / "train.log").read_text()  # the job's two starts, in Hydra's job log
+    assert f"resuming MLflow run {first.info.run_id} from checkpoints/last.pt" in log
+    assert_steps_once(client, first.info.run_id, 25)
+    assert found[0].value == runs[0].data.metrics["val_loss"] == metric(client, first.info.run_id, "val_loss")[
+        max(found[0].intermediate_values)]
     assert queue_empty()
