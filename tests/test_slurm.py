@@ -35,8 +35,13 @@ SLURM = ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_task=null", "
          "hydra.launcher.timeout_min=10"]
 
 
-def queue_empty() -> bool:
-    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout == ""
+def queue_empty(tmp_path: Path) -> bool:
+    """None of the sweep's SLURM jobs (submitit's folders, one per job) is queued or running any more
+    (other tests' jobs may be)."""
+    ours = {p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.is_dir()}
+    assert ours
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+    return not ours & set(queued)
 
 
 def test_an_optuna_sweep_with_pruning_runs_its_trials_as_slurm_jobs(tmp_path: Path):
@@ -54,7 +59,7 @@ def test_an_optuna_sweep_with_pruning_runs_its_trials_as_slurm_jobs(tmp_path: Pa
     (parent,) = [r for r in client.search_runs([r.info.experiment_id]) if r.data.tags["run_type"] == "sweep"]
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 4
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert queue_empty()
+    assert queue_empty(tmp_path)
 
 
 def test_a_grid_sweep_runs_its_jobs_on_the_cluster(tmp_path: Path, text_file: Path):
@@ -65,7 +70,7 @@ def test_a_grid_sweep_runs_its_jobs_on_the_cluster(tmp_path: Path, text_file: Pa
     assert parent.data.metrics["n_finished"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert queue_empty()
+    assert queue_empty(tmp_path)
 
 
 def sweep_cmd_on_slurm(tmp_path: Path, n_trials: int, epochs: int, *extra: str) -> list[str]:
@@ -94,7 +99,7 @@ def job_states(job_id: str) -> list[str]:
     """Every record of the job in SLURM's accounting, oldest first (a requeue adds one: REQUEUED)."""
     out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
                          text=True, check=True).stdout
-    return out.split()
+    return out.splitlines()
 
 
 def assert_steps_once(client: MlflowClient, run_id: str, epochs: int) -> None:
@@ -124,4 +129,37 @@ def test_a_requeued_trial_saves_a_checkpoint_and_its_next_job_continues_the_same
     assert_steps_once(client, first.info.run_id, 25)
     assert found[0].value == runs[0].data.metrics["val_loss"] == metric(client, first.info.run_id, "val_loss")[
         max(found[0].intermediate_values)]
-    assert queue_empty()
+    assert queue_empty(tmp_path)
+
+
+def test_a_cancelled_trial_fails_with_its_run_killed_and_the_sweep_goes_on(tmp_path: Path):
+    proc = subprocess.Popen(sweep_cmd_on_slurm(tmp_path, 3, 30, "hydra.sweeper.max_failure_rate=0.5"), cwd=tmp_path,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = training_run(tmp_path, 0, 1, proc).data.tags["slurm_job_id"]
+    subprocess.run(["scancel", job], check=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"trial 0 failed: its SLURM job {job} ended without a result (CANCELLED by 0)" in out
+    found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    _, runs = mlflow_runs(tmp_path, found)
+    assert [t.state for t in found] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["failure_reason"] == "interrupted (SIGTERM)"
+    parent, _ = split(all_runs(tmp_path))
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_finished"] == 2
+    assert job_states(job) == ["CANCELLED by 0"] and queue_empty(tmp_path)
+
+
+def test_cancelling_every_job_ends_the_sweep_killed_in_one_line(tmp_path: Path):
+    proc = subprocess.Popen(sweep_cmd_on_slurm(tmp_path, 4, 500), cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    jobs = [training_run(tmp_path, trial, 1, proc).data.tags["slurm_job_id"] for trial in (0, 1)]
+    subprocess.run(["scancel", *jobs], check=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:] + err[-3000:]
+    assert err.strip().splitlines()[-1] == ("lesson7-train: error: the sweep was cancelled: the SLURM jobs of its "
+                                            "2 running trials were cancelled (scancel)")
+    assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL] * 2
+    parent, children = split(all_runs(tmp_path))
+    assert parent.info.status == "KILLED" and parent.data.tags["failure_reason"].startswith("the sweep was cancelled")
+    assert [c.info.status for c in children] == ["KILLED", "KILLED"]
+    assert queue_empty(tmp_path)

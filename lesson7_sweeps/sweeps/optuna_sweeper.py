@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.sweeps.optuna_study import build_pruner, direction, storage_url, study_name
 from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID
+from lesson7_sweeps.sweeps.slurm import cancelled, end_cancelled_sweep, launch_trial, with_cancelled_together
 
 if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this module on every run
     import optuna
@@ -87,7 +88,7 @@ class OptunaSweeper(Sweeper):
         pool = ThreadPoolExecutor(s.n_jobs, thread_name_prefix="trial") if s.n_jobs > 1 else None
         running: dict[Future, optuna.Trial] = {}
         returns: list[JobReturn] = []
-        n_failed, stop = 0, False
+        n_failed, stop, n_cancelled = 0, False, 0
         beat = _Heartbeat(study, s.heartbeat_interval)
         try:
             while True:
@@ -101,13 +102,16 @@ class OptunaSweeper(Sweeper):
                     running[self._start(pool, overrides, trial.number)] = trial
                 if not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done = with_cancelled_together(wait(running, return_when=FIRST_COMPLETED)[0], running)
+                every_cancelled = len(done) == len(running) > 1 and all(cancelled(f.result()) for f in done)
                 for fut in done:
                     trial = running.pop(fut)
                     beat.remove(trial)
                     ret = fut.result()
                     returns.append(ret)
                     n_failed += self._tell(study, trial, ret) == TrialState.FAIL
+                if not stop and every_cancelled:  # scancel of every job in flight (2+): the user stopped the sweep
+                    stop, n_cancelled = True, len(done)
                 if not stop and n_failed > s.max_failure_rate * n_trials:
                     stop = True
                     log.error("%d trials failed: more than hydra.sweeper.max_failure_rate=%s of %d; waiting for "
@@ -122,6 +126,8 @@ class OptunaSweeper(Sweeper):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self._report(study, sweep_dir)
+        if n_cancelled:
+            raise end_cancelled_sweep(n_cancelled)
         if stop:
             raise UserError(f"the sweep stopped: {n_failed} trials failed, more than hydra.sweeper.max_failure_rate="
                             f"{s.max_failure_rate} of n_trials={n_trials}; see the failed runs' failure_reason tag")
@@ -145,7 +151,7 @@ class OptunaSweeper(Sweeper):
         """Launch one trial as Hydra job `job_num`: on a worker thread, or here when one at a time
         (the basic launcher runs the job in this process, where it must own the main thread)."""
         def launch() -> JobReturn:
-            return self.launcher.launch([overrides], initial_job_idx=job_num)[0]
+            return launch_trial(self.launcher, overrides, job_num)
 
         if pool is not None:
             return pool.submit(launch)
