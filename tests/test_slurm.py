@@ -163,3 +163,26 @@ def test_cancelling_every_job_ends_the_sweep_killed_in_one_line(tmp_path: Path):
     assert parent.info.status == "KILLED" and parent.data.tags["failure_reason"].startswith("the sweep was cancelled")
     assert [c.info.status for c in children] == ["KILLED", "KILLED"]
     assert queue_empty(tmp_path)
+
+
+def test_a_trial_longer_than_its_time_limit_finishes_across_several_jobs_in_one_run(tmp_path: Path):
+    # SLURM's limits are whole minutes and it checks them every 30 s: with a 1-minute limit, submitit's
+    # signal (50 s before it) comes 10 to 40 s into each job, before this trial's 45+ s of training end
+    # (0.1 s an epoch on the CI machine)
+    epochs = 450
+    run(sweep_cmd_on_slurm(tmp_path, 1, epochs, "hydra.sweeper.n_jobs=1", "trainer.log_every=25",
+                           "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50",
+                           "hydra.launcher.max_num_timeout=10"), tmp_path)
+    found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    client, runs = mlflow_runs(tmp_path, found)  # one run for the trial, whatever the number of jobs
+    assert [t.state for t in found] == [TrialState.COMPLETE] and runs[0].info.status == "FINISHED"
+    (job,) = {p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.is_dir()}
+    states = job_states(job)
+    # the last job may show FAILED: the time limit's signal can reach it as it exits after writing its result
+    assert len(states) >= 2 and set(states[:-1]) == {"REQUEUED"} and states[-1] in ("COMPLETED", "FAILED")
+    log = next((tmp_path / "multirun" / ".submitit" / job).glob("*_log.err")).read_text()
+    assert log.count("this job is timed-out") >= len(states) - 1  # submitit's handler, after our checkpoint
+    assert (tmp_path / "multirun" / "0" / "train.log").read_text().count("resuming MLflow run") == len(states) - 1
+    val = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")]
+    assert len(val) == epochs == len(set(val))  # every epoch evaluated once across the jobs
+    assert queue_empty(tmp_path)
