@@ -186,3 +186,31 @@ def test_a_trial_longer_than_its_time_limit_finishes_across_several_jobs_in_one_
     val = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")]
     assert len(val) == epochs == len(set(val))  # every epoch evaluated once across the jobs
     assert queue_empty(tmp_path)
+
+
+def test_a_rerun_after_the_sweeper_was_killed_cancels_its_orphan_jobs_and_completes_the_study(tmp_path: Path):
+    # three at once on two CPUs: two trials train, the third waits in the queue when the sweeper dies
+    # (long enough that the two training when it dies are still training when the rerun starts)
+    cmd = sweep_cmd_on_slurm(tmp_path, 3, 300, "hydra.sweeper.n_jobs=3", "trainer.log_every=25", f"hydra.sweeper.storage=sqlite:///{tmp_path}/"
+                             "study.db", "hydra.sweeper.study_name=killed")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    orphans = [training_run(tmp_path, trial, 1, proc) for trial in (0, 1)]
+    proc.kill()  # SIGKILL: no handler runs, the study keeps three trials RUNNING
+    proc.communicate()
+    queued = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    run(cmd, tmp_path)
+    found = study(f"sqlite:///{tmp_path}/study.db", "killed").trials
+    dead = [t for t in found if t.state == TrialState.FAIL]
+    assert {t.number for t in dead} >= {0, 1} and len(dead) <= 3
+    assert len(found) == 3 + len(dead) and all(t.state == TrialState.COMPLETE for t in found if t not in dead)
+    parent, children = split(all_runs(tmp_path))  # one parent, continued by the rerun
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_finished"] == 3
+    assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
+    for r in orphans:  # their jobs were cancelled: they saved a checkpoint and stopped
+        assert job_states(r.data.tags["slurm_job_id"]) == ["CANCELLED by 0"]
+    deadline = time.time() + 60  # a job still queued when the sweeper died starts, finds its trial ended, stops
+    while not queue_empty(tmp_path) and time.time() < deadline:
+        time.sleep(1)
+    assert queue_empty(tmp_path) and all(job_states(j)[-1] in ("COMPLETED", "CANCELLED by 0") for j in queued)
+    trained = {c.data.tags["trial"] for c in children}
+    assert trained == {str(t.number) for t in found if t.user_attrs.get("mlflow_run_id")}  # no run without a trial

@@ -29,8 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.errors import ConfigError, UserError
 from lesson7_sweeps.sweeps.optuna_study import build_pruner, direction, storage_url, study_name
-from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID
-from lesson7_sweeps.sweeps.slurm import cancelled, end_cancelled_sweep, launch_trial, with_cancelled_together
+from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID, SLURM_JOB
+from lesson7_sweeps.sweeps.slurm import (
+    cancel_job,
+    cancelled,
+    end_cancelled_sweep,
+    launch_trial,
+    with_cancelled_together,
+)
 
 if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this module on every run
     import optuna
@@ -221,6 +227,7 @@ class OptunaSweeper(Sweeper):
 
         from lesson7_sweeps.tracking import fail_orphan_run
 
+        cancel_job(trial.user_attrs.get(SLURM_JOB))  # its job would train on for nobody
         if trial.user_attrs.get(RUN_ID) and "uri" in self.config.tracking:
             fail_orphan_run(self.config.tracking.uri, trial.user_attrs[RUN_ID], "its sweeper died")
         RetryFailedTrialCallback(max_retry=1)(study, trial)
@@ -258,11 +265,14 @@ class OptunaSweeper(Sweeper):
 
 
 def _count(study: optuna.Study) -> int:
-    """Trials that count towards n_trials: all of them, but a FAIL that is retried counts once."""
+    """Trials that count towards n_trials: all of them, but a FAIL that is retried counts once, and
+    only when its retry has started (a retry still WAITING must still be asked for)."""
     from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    return len(trials) - len({RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None})
+    started = [t for t in trials if t.state != TrialState.WAITING]
+    return len(started) - len({RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None})
 
 
 def _fail_dead(study: optuna.Study) -> None:

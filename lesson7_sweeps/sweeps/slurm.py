@@ -8,6 +8,8 @@ would end the whole sweep. Here it is that trial's failure, in one line.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
 from concurrent.futures import Future, wait
 
@@ -77,3 +79,10 @@ def end_cancelled_sweep(n_trials: int) -> UserError:
     reason = f"the sweep was cancelled: the SLURM jobs of its {n_trials} running trials were cancelled (scancel)"
     parent.finish("KILLED", reason)
     return UserError(reason)
+
+
+def cancel_job(job_id: str | None) -> None:
+    """scancel the job of a trial whose sweeper died: nobody waits for its result any more. Gone
+    already, or no SLURM here: nothing to do."""
+    if job_id and shutil.which("scancel"):
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
