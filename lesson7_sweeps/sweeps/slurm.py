@@ -2,7 +2,10 @@
 
 Hydra's submitit launcher waits for a job's result file; a job that ends without one (scancel, a
 node failure, its time limit hit more often than `max_num_timeout`) makes `launch` raise, which
-would end the whole sweep. Here it is that trial's failure, in one line.
+would end the whole sweep. Here it is that trial's failure, in one line; a scancel of every job in
+flight ends the sweep KILLED; and the jobs of a sweeper that died are cancelled by the one that
+resumes its study. (Preemption and time limits need nothing here: the job checkpoints on the
+signal, SLURM or submitit requeues it, and `optuna_trial.run_to_continue` resumes its run.)
 """
 
 from __future__ import annotations
