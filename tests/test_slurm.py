@@ -182,7 +182,8 @@ def test_a_trial_longer_than_its_time_limit_finishes_across_several_jobs_in_one_
     assert len(states) >= 2 and set(states[:-1]) == {"REQUEUED"} and states[-1] in ("COMPLETED", "FAILED")
     log = next((tmp_path / "multirun" / ".submitit" / job).glob("*_log.err")).read_text()
     assert log.count("this job is timed-out") >= len(states) - 1  # submitit's handler, after our checkpoint
-    assert (tmp_path / "multirun" / "0" / "train.log").read_text().count("resuming MLflow run") == len(states) - 1
+    # a job whose signal came while it was starting is requeued by submitit before it could resume the run
+    assert 1 <= (tmp_path / "multirun" / "0" / "train.log").read_text().count("resuming MLflow run") < len(states)
     val = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")]
     assert len(val) == epochs == len(set(val))  # every epoch evaluated once across the jobs
     assert queue_empty(tmp_path)
@@ -197,7 +198,9 @@ def test_a_rerun_after_the_sweeper_was_killed_cancels_its_orphan_jobs_and_comple
     orphans = [training_run(tmp_path, trial, 1, proc) for trial in (0, 1)]
     proc.kill()  # SIGKILL: no handler runs, the study keeps three trials RUNNING
     proc.communicate()
-    queued = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    ours = {p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.is_dir()}
+    pending = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    queued = ours & set(pending)
     run(cmd, tmp_path)
     found = study(f"sqlite:///{tmp_path}/study.db", "killed").trials
     dead = [t for t in found if t.state == TrialState.FAIL]
