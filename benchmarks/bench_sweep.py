@@ -42,20 +42,27 @@ def sweep(root: Path, text: Path, steps: int, launcher: list[str]) -> tuple[floa
     return wall, objectives, own
 
 
+def run_sides(sides: list[tuple[str, list[str], int]], text: Path, steps: int) -> dict[str, tuple[float, dict]]:
+    """The grid once per (name, launcher overrides, trials at once), each in a fresh folder: wall
+    seconds and objective per trial name; prints the wall time, the trials' own time and the overhead."""
+    results = {}
+    for name, launcher, at_once in sides:
+        with tempfile.TemporaryDirectory(prefix=f"bench-sweep-{name}-") as tmp:
+            wall, objectives, own = sweep(Path(tmp), text, steps, launcher)
+        overhead = (wall * at_once - own) / len(objectives)
+        results[name] = (wall, objectives)
+        print(f"{name:6s}: {len(objectives)} trials, wall {wall:.1f} s, trials' own time {own:.1f} s, "
+              f"per-trial overhead {overhead:.2f} s", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--steps", type=int, default=150, help="training steps per trial")
     args = p.parse_args()
-    results = {}
     sides = [("basic", [], 1), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], 2)]
-    for name, launcher, at_once in sides:
-        with tempfile.TemporaryDirectory(prefix=f"bench-sweep-{name}-") as tmp:
-            wall, objectives, own = sweep(Path(tmp), args.text.resolve(), args.steps, launcher)
-        overhead = (wall * at_once - own) / len(objectives)
-        results[name] = (wall, objectives)
-        print(f"{name:6s}: {len(objectives)} trials, wall {wall:.1f} s, trials' own time {own:.1f} s, "
-              f"per-trial overhead {overhead:.2f} s", flush=True)
+    results = run_sides(sides, args.text.resolve(), args.steps)
     (basic_wall, basic), (joblib_wall, joblib) = results["basic"], results["joblib"]
     diff = max(abs(basic[k] - joblib[k]) for k in basic)
     print(f"wall time basic / joblib: {basic_wall / joblib_wall:.2f}x")

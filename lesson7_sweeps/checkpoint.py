@@ -28,8 +28,10 @@ import torch
 
 from lesson7_sweeps.errors import CheckpointError
 
-# what stops a run: Ctrl-C, a scheduler's SIGTERM, and SIGHUP (the terminal or ssh session closed)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# what stops a run: Ctrl-C, SIGTERM (what SLURM sends before it kills a job: scancel, preemption,
+# requeue), SIGHUP (the terminal or ssh session closed) and SIGUSR2 (what submitit asks SLURM to send
+# `signal_delay_s` before the time limit)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -98,12 +100,11 @@ _active: _Requests | None = None  # the requests of the open run (stop_requests 
 
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """While active, SIGINT, SIGTERM (what SLURM sends before it kills a job) and SIGHUP only *ask* the
-    training loop to stop: it saves a checkpoint at the next step boundary, where every state is
-    consistent (`stopping`). A second signal interrupts at once, unless the run is already on its
-    way out (`stopping` was called, or `shielded()`: closing the run), where every further signal
-    is only recorded, so that no signal can leave a run RUNNING. Nested uses share one list; yields
-    the signals received."""
+    """While active, the STOP_SIGNALS only *ask* the training loop to stop: it saves a checkpoint at
+    the next step boundary, where every state is consistent (`stopping`). A second signal interrupts
+    at once, unless the run is already on its way out (`stopping` was called, or `shielded()`:
+    closing the run), where every further signal is only recorded, so that no signal can leave a run
+    RUNNING. Nested uses share one list; yields the signals received."""
     global _active
     if _active is not None or threading.current_thread() is not threading.main_thread():
         yield _active if _active is not None else _Requests()  # signals only reach the main thread
@@ -124,6 +125,15 @@ def stop_requests() -> Iterator[list[int]]:
         for s, h in previous.items():
             signal.signal(s, h)
         _active = None
+        _pass_on_requeue(received, previous[signal.SIGUSR2])
+
+
+def _pass_on_requeue(received: list[int], before: Any) -> None:
+    """A SIGUSR2 that a submitit job got while training: once our checkpoint is saved and the run
+    ended, hand it to submitit's own handler, which requeues the job (up to max_num_timeout times
+    after a time limit) and exits; the job's next start continues the run."""
+    if signal.SIGUSR2 in received and callable(before):
+        before(signal.SIGUSR2, None)
 
 
 def stopping(signals: list[int], saved: bool) -> Interrupted:

@@ -106,6 +106,8 @@ def run_tags(device: torch.device) -> dict[str, str]:
         hc = HydraConfig.get()
         tags["hydra_overrides"] = " ".join(hc.overrides.task)
         tags.update({f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
+    if "SLURM_JOB_ID" in os.environ:  # a trial on a SLURM cluster: the job to scancel, requeue or look up
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
 
 
@@ -225,7 +227,9 @@ def resume_run(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
-        cfg.resume = cfg.resume or run_to_continue()  # an Optuna trial that SLURM requeued continues its run
+        continued = None if cfg.resume is not None else run_to_continue()  # an Optuna trial SLURM requeued
+        if continued is not None:  # continues its run; the attempt before it is gone (SLURM ended it first)
+            cfg.resume, cfg.force_resume = continued, True
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if sweep.is_multirun():

@@ -22,7 +22,7 @@ def runs(tmp_path: Path):
     return [] if exp is None else client.search_runs([exp.experiment_id])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2])  # USR2: submitit's time limit
 def test_a_signal_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path, text_file: Path, signum: int):
     cmd = [sys.executable, "-m", "lesson7_sweeps.train", *tiny_overrides(tmp_path, text_file),
            "trainer.epochs=1000", "trainer.log_every=1", f"hydra.run.dir={tmp_path}/run"]

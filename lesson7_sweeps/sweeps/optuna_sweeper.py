@@ -49,7 +49,14 @@ from lesson7_sweeps.sweeps.optuna_study import (
     storage_url,
     study_name,
 )
-from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID
+from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID, SLURM_JOB
+from lesson7_sweeps.sweeps.slurm import (
+    cancel_job,
+    cancelled,
+    end_cancelled_sweep,
+    launch_trial,
+    with_cancelled_together,
+)
 
 if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this module on every run
     import optuna
@@ -115,7 +122,7 @@ class OptunaSweeper(Sweeper):
         pool = ThreadPoolExecutor(s.n_jobs, thread_name_prefix="trial") if s.n_jobs > 1 else None
         running: dict[Future, optuna.Trial] = {}
         returns: list[JobReturn] = []
-        n_failed, stop, left = 0, False, False
+        n_failed, stop, left, n_cancelled = 0, False, False, 0
         beat = _Heartbeat(study, s.heartbeat_interval)
         try:
             while True:
@@ -131,6 +138,8 @@ class OptunaSweeper(Sweeper):
                     time.sleep(s.heartbeat_interval)
                     continue
                 done, _ = wait(running, timeout=s.heartbeat_interval, return_when=FIRST_COMPLETED)
+                done = with_cancelled_together(done, running)
+                every_cancelled = len(done) == len(running) > 1 and all(cancelled(f) for f in done)
                 for fut in done:
                     trial = running.pop(fut)
                     try:
@@ -141,6 +150,8 @@ class OptunaSweeper(Sweeper):
                         returns.append(ret)
                         n_failed += self._tell(study, trial, ret) == TrialState.FAIL
                     beat.remove(trial)  # once told: until then it is ours to fail on the way out
+                if not stop and every_cancelled:  # scancel of every job in flight (2+): the user stopped the sweep
+                    stop, n_cancelled = True, len(done)
                 if not stop and n_failed > s.max_failure_rate * n_trials:
                     stop = True
                     log.error("%d trials failed: more than hydra.sweeper.max_failure_rate=%s of %d; waiting for "
@@ -166,6 +177,8 @@ class OptunaSweeper(Sweeper):
             self._report(study, sweep_dir)
         else:
             parent.hand_over(f"another sweeper of study {study.study_name} ends it")
+        if n_cancelled:
+            raise end_cancelled_sweep(n_cancelled)
         if stop:
             raise UserError(f"the sweep stopped: {n_failed} trials failed, more than hydra.sweeper.max_failure_rate="
                             f"{s.max_failure_rate} of n_trials={n_trials}; see the failed runs' failure_reason tag")
@@ -210,7 +223,7 @@ class OptunaSweeper(Sweeper):
         """Launch one trial as Hydra job `job_num`: on a worker thread, or here when one at a time
         (the basic launcher runs the job in this process, where it must own the main thread)."""
         def launch() -> JobReturn:
-            return self.launcher.launch([overrides], initial_job_idx=job_num)[0]
+            return launch_trial(self.launcher, overrides, job_num)
 
         if pool is not None:
             return pool.submit(launch)
@@ -304,6 +317,7 @@ class OptunaSweeper(Sweeper):
         """A trial whose process died (now FAIL in Optuna): FAILED in MLflow too, and retried once."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+        cancel_job(trial.user_attrs.get(SLURM_JOB))  # its job would train on for nobody
         self._agree(study, [trial], why)
         RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
         log.warning("trial %d: %s; FAIL, to be retried once", trial.number, why)

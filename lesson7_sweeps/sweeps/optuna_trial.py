@@ -8,16 +8,19 @@ the same value the runner logs to MLflow at the same step, and stops when the pr
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from lesson7_sweeps.errors import UserError
 from lesson7_sweeps.sweeps.optuna_study import build_pruner, is_optuna_sweep, storage_url, study_name
 
 log = logging.getLogger(__name__)
 PRUNED_AT = "pruned_at_step"  # trial user attr: the job stopped on the pruner's word (the sweeper tells PRUNED)
 RUN_ID = "mlflow_run_id"  # trial user attr: the trial's MLflow run (a dead sweeper's trials are failed there too)
+SLURM_JOB = "slurm_job_id"  # trial user attr: the SLURM job running it (cancelled if its sweeper died)
 
 
 class Reporter:
@@ -49,9 +52,19 @@ def reporter_for_job(run_id: str | None) -> Reporter | None:
 
 def run_to_continue() -> str | None:
     """The MLflow run of this trial when its job runs a second time (SLURM requeued it after a
-    preemption or its time limit): the job continues that run from its last checkpoint."""
+    preemption or its time limit): the job continues that run from its last checkpoint.
+    On SLURM, records the job on the trial first (a sweeper resuming a dead one's study cancels
+    it); a job whose trial already ended (that sweeper failed it while the job was queued) stops."""
     trial = _job_trial()
-    return None if trial is None else trial.user_attrs.get(RUN_ID)
+    if trial is None:
+        return None
+    state = trial.study._storage.get_trial(trial._trial_id).state
+    if state.is_finished():
+        raise UserError(f"trial {trial.number} already ended ({state.name}): the sweeper that launched this "
+                        f"job gave it up, so the job trains nothing")
+    if "SLURM_JOB_ID" in os.environ:
+        trial.set_user_attr(SLURM_JOB, os.environ["SLURM_JOB_ID"])
+    return trial.user_attrs.get(RUN_ID)
 
 
 def _job_trial() -> Any:

@@ -1,0 +1,95 @@
+"""What the Optuna sweeper needs on top of Hydra's submitit launcher to survive SLURM.
+
+Hydra's submitit launcher waits for a job's result file; a job that ends without one (scancel, a
+node failure, its time limit hit more often than `max_num_timeout`) makes `launch` raise, which
+would end the whole sweep. Here it is that trial's failure, in one line; a scancel of every job in
+flight ends the sweep KILLED; and the jobs of a sweeper that died are cancelled by the one that
+resumes its study. (Preemption and time limits need nothing here: the job checkpoints on the
+signal, SLURM or submitit requeues it, and `optuna_trial.run_to_continue` resumes its run.)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import Future, wait
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+
+from lesson7_sweeps.errors import UserError
+
+SETTLE_S = 3.0  # after a fresh status poll, the other jobs of one `scancel` end within it (1 s polls)
+
+
+class JobLost(Exception):
+    """A trial's SLURM job ended without a result; `cancelled`: by scancel."""
+
+    def __init__(self, reason: str, cancelled: bool) -> None:
+        super().__init__(reason)
+        self.cancelled = cancelled
+
+
+def launch_trial(launcher: Launcher, overrides: list[str], job_num: int) -> JobReturn:
+    """Launch one trial as Hydra job `job_num`; a lost submitit job is a FAILED JobReturn."""
+    try:
+        return launcher.launch([overrides], initial_job_idx=job_num)[0]
+    except Exception as e:
+        lost = _lost(e)
+        if lost is None:
+            raise
+        return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=lost)
+
+
+def _lost(e: Exception) -> JobLost | None:
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    text = str(e)
+    if isinstance(e, FailedJobError):  # submitit gave up inside the job: its last line says why
+        last = [line for line in text.splitlines() if line.strip() and not line.startswith("---")][-1]
+        return JobLost(f"its SLURM job stopped: {last.strip()}", cancelled=False)
+    if not isinstance(e, UncompletedJobError):
+        return None
+    job = re.search(r"Job (\S+)", text)
+    state = re.search(r"\(state: ([^)]*)\)", text)
+    state_text = state.group(1) if state else "unknown state"
+    return JobLost(f"its SLURM job {job.group(1) if job else '?'} ended without a result ({state_text})",
+                   cancelled=state_text.startswith("CANCELLED"))
+
+
+def cancelled(fut: Future) -> bool:
+    """Whether a finished trial's job was cancelled (a launcher whose worker died raised instead)."""
+    if fut.exception() is not None:
+        return False
+    lost = fut.result()._return_value
+    return isinstance(lost, JobLost) and lost.cancelled
+
+
+def with_cancelled_together(done: set[Future], running: dict[Future, object]) -> set[Future]:
+    """`done`, plus the trials that end within SETTLE_S when one of `done` was cancelled: a scancel of
+    every job is then seen as one event (the sweep was cancelled), not as trials to replace one by one."""
+    if not any(cancelled(f) for f in done):
+        return done
+    from submitit.slurm.slurm import SlurmJob
+
+    time.sleep(1)  # sacct shows the jobs of one scancel CANCELLED up to about a second apart
+    SlurmJob.watcher.update()  # at once, not at submitit's next poll (its interval grows to minutes)
+    return done | wait([f for f in running if f not in done], timeout=SETTLE_S).done
+
+
+def end_cancelled_sweep(n_trials: int) -> UserError:
+    """End the parent KILLED (not FAILED: nothing went wrong) and say so in one line."""
+    from lesson7_sweeps.sweeps import parent
+
+    reason = f"the sweep was cancelled: the SLURM jobs of its {n_trials} running trials were cancelled (scancel)"
+    parent.finish("KILLED", reason)
+    return UserError(reason)
+
+
+def cancel_job(job_id: str | None) -> None:
+    """scancel the job of a trial whose sweeper died: nobody waits for its result any more. Gone
+    already, or no SLURM here: nothing to do."""
+    if job_id and shutil.which("scancel"):
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
