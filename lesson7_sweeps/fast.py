@@ -54,12 +54,13 @@ def bucket_width(model: nn.Module, mode: str, width: int) -> int | None:
     return width if mode != "off" and getattr(model, "pads", False) else None
 
 
-def loss_function(mode: str) -> LossFn:
-    """model_loss, eager (mode off) or compiled in that torch.compile mode. Graphs are specialised
-    to shapes (dynamic=False): the buckets keep their number small."""
+def loss_function(mode: str, bucketed: bool) -> LossFn:
+    """model_loss, eager (mode off) or compiled in that torch.compile mode. Bucketed text steps get
+    graphs specialised to their few shapes; otherwise a second shape (a cuDNN cell's next length)
+    makes torch.compile build one shape-generic graph rather than one per length."""
     if mode == "off":
         return model_loss
-    compiled = torch.compile(model_loss, mode=mode, dynamic=False)
+    compiled = torch.compile(model_loss, mode=mode, dynamic=False if bucketed else None)
 
     def step(model: nn.Module, x: Tensor, y: Tensor, steps: Tensor | None, label_smoothing: float) -> Tensor:
         torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: the last step's outputs are read

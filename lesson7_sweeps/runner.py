@@ -78,7 +78,8 @@ class Step:
     @classmethod
     def choose(cls, tc: DictConfig, model: nn.Module) -> Step:
         mode = fast.compile_mode(tc.compile)
-        return cls(fast.loss_function(mode), fast.bucket_width(model, mode, tc.bptt_bucket))
+        width = fast.bucket_width(model, mode, tc.bptt_bucket)
+        return cls(fast.loss_function(mode, bucketed=width is not None), width)
 
 
 def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc: DictConfig, prec: Precision,
