@@ -86,7 +86,8 @@ class Readback:
 
     def record(self, key: tuple, values: Tensor) -> None:
         """`values` (a 1-d device tensor) will come back with `key` (host data: step, lr, ...)."""
-        host = values.to("cpu", non_blocking=True)  # pinned when it comes from a GPU: no wait
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)  # pinned: no wait
+        host.copy_(values, non_blocking=True)
         event = None
         if values.is_cuda:
             event = torch.cuda.Event()

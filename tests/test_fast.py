@@ -8,15 +8,18 @@ import weakref
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 from lesson7_sweeps import fast, runner
+from lesson7_sweeps.config import validate
 from lesson7_sweeps.models.rnn import CharRNN
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import NullLogger
+from lesson7_sweeps.train import CONF_DIR
 
 from .test_train_vision import vision_cfg  # noqa: F401 (a fixture)
 
@@ -117,7 +120,7 @@ SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "
 
 class SyncWatch(TorchFunctionMode):
     """Records every call that would sync the host with the device while `inside` is set. A
-    non-blocking copy to the host does not wait, and neither does reading it once it has landed
+    non-blocking copy into host memory does not wait, and neither does reading it once it has landed
     (fast.Readback asks an event first): those are not counted."""
 
     def __init__(self) -> None:
@@ -129,7 +132,7 @@ class SyncWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         out = func(*args, **kwargs)
-        if name == "to" and kwargs.get("non_blocking"):
+        if name == "copy_" and kwargs.get("non_blocking"):  # into host memory, without waiting
             self.async_copies[id(out)] = out
             return out
         to_host = name == "to" and "cpu" in [str(a) for a in (*args[1:], *kwargs.values())]
@@ -174,3 +177,19 @@ def test_an_epoch_of_resnet2_never_syncs_host_and_device(vision_cfg, tmp_path): 
                    recorder, tmp_path)
     assert watch.syncs == []  # ...and none in the epoch's loop
     assert [s for s, _ in recorder.metrics["train_loss"]] == list(range(1, 10))  # every step, read back after
+
+
+@pytest.mark.parametrize("preset", ["experiment=lesson6_lstm_fast", "experiment=lesson7_resnet2_fast",
+                                    "sweep=lstm_fast_search", "sweep=resnet2_fast_search"])
+def test_fast_presets_compose_and_validate(preset: str):
+    """The GPU recipes and their searches compose into valid configs (benchmarks/gpu_check.sh
+    --rehearse trains them on the CPU: they run and improve on their first epoch)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[preset])
+        hydra = compose("train", overrides=[preset], return_hydra_config=True).hydra
+    if preset.startswith("sweep"):
+        assert hydra.sweeper.n_jobs == hydra.launcher.n_jobs > 1  # several trials on one GPU
+        assert hydra.sweeper.pruner == "median" and hydra.sweeper.params
+    validate(cfg)
+    assert cfg.trainer.compile != "off" and cfg.schedule.phases[0].kind == "onecycle"
+    assert cfg.model.cell == "loop" if cfg.data.bs == 256 else cfg.model.running_stats  # LSTM: padded buckets
