@@ -76,7 +76,8 @@ part lstm 45 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps -
 part lstm_compiled 75 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps --repeats $repeats \
   --text "$text" "${lstm_ov[@]}" --compile reduce-overhead --json "$OUT/lstm_compiled.json"
 # 3. Resnet2: runner (GPU-resident data, bf16, channels_last) vs a torchvision DataLoader loop; img/s
-part cifar 50 $py benchmarks/bench_cifar.py --device $device --steps $cifar_steps --repeats $repeats \
+#    (its first run decodes the JPEGs into /tmp/l7cache, which the later parts reuse)
+part cifar 90 $py benchmarks/bench_cifar.py --device $device --steps $cifar_steps --repeats $repeats \
   --root "$cifar" --cache-dir /tmp/l7cache "${cifar_ov[@]}" --json "$OUT/cifar.json"
 # 4. no host-device sync in a Resnet2 epoch: torch.cuda.set_sync_debug_mode("error") around it
 part sync 30 $py benchmarks/gpu_parts.py sync "$OUT" experiment=lesson7_resnet2_fast "${cifar_data[@]}" \
