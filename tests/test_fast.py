@@ -85,6 +85,7 @@ def fit_losses(make_cfg, tmp_path, *overrides: str) -> tuple[list[float], dict[s
     return [v for _, v in recorder.metrics["train_loss"]], metrics, model
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~35-75 s on 2 cores with a cold cache
 def test_compiled_lstm_trains_as_eager(make_cfg, tmp_path):
     """Same seed, fp32, 50 steps of random BPTT lengths 5..15, padded to one bucket of 16 steps (one
     graph: each C++ compile costs ~20 s here): every smoothed loss, the evaluation and the weights
@@ -102,6 +103,7 @@ def test_compiled_lstm_trains_as_eager(make_cfg, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~35-75 s on 2 cores with a cold cache
 def test_compiled_resnet2_trains_as_eager(vision_cfg, tmp_path):  # noqa: F811
     """The lesson's Resnet2 (scratch batch norm, tiny widths, no dropout: compiled code draws other
     dropout masks) on real images: one epoch of 9 steps compiled, every loss as in eager fp32."""
