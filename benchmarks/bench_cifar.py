@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import compare, runner_throughput  # benchmarks/common.py
+from common import compare, runner_throughput, write_json  # benchmarks/common.py
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -67,7 +67,8 @@ def config(args: argparse.Namespace, seed: int, store: str | None = None) -> Dic
         return compose("train", overrides=[
             f"experiment=lesson7_{args.model}", f"data.root={args.root}", f"data.cache_dir={args.cache_dir}",
             "data.tta=none", f"seed={seed}", f"trainer.device={args.device}", "trainer.epochs=1",
-            f"trainer.max_steps={args.steps}", "trainer.checkpoints=false", "trainer.progress=off", *tracking])
+            f"trainer.max_steps={args.steps}", "trainer.checkpoints=false", "trainer.progress=off",
+            f"trainer.compile={args.compile}", *args.override, *tracking])
 
 
 def plain(args: argparse.Namespace, seed: int) -> float:
@@ -113,6 +114,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (plain side)")
+    ap.add_argument("--compile", default="off", help="trainer.compile of the runner side (off | default | ...)")
+    ap.add_argument("--override", action="append", default=[], help="another Hydra override (both sides' config)")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     if args.steps is None:  # 20 resnet2 steps: ~5 minutes in all on 2 quiet CPU cores
@@ -130,8 +134,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
     print(f"lesson7_{args.model} bs {bs}, {args.steps} steps x {args.repeats}, {name}, torch {torch.__version__}; "
           f"plain side: DataLoader {args.workers} workers{', pinned, fp32' if cuda else ''}"
-          f"{'; runner: trainer.precision=auto (bf16 autocast + channels_last)' if cuda else ''}")
-    compare(args.repeats, runner, lambda seed: plain(args, seed), "images/s")
+          f"{'; runner: trainer.precision=auto (bf16 autocast + channels_last)' if cuda else ''}"
+          f"; runner trainer.compile={args.compile}")
+    result = compare(args.repeats, runner, lambda seed: plain(args, seed), "images/s")
+    write_json(args.json, bench="cifar", device=name, model=args.model, compile=args.compile, steps=args.steps,
+               unit="images/s", **result)
 
 if __name__ == "__main__":
     main()

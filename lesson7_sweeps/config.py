@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.errors import ConfigError
+from lesson7_sweeps.fast import COMPILE_MODES, compile_mode
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # what `objective` may name, and which way a sweep optimises it
@@ -287,7 +288,8 @@ class TrainerConfig:
     label_smoothing: float = MISSING
     precision: str = MISSING
     channels_last: str = MISSING
-    compile: bool = MISSING
+    compile: str = MISSING  # off or a torch.compile mode; true/false of older configs read "True"/"False"
+    bptt_bucket: int = MISSING
     log_every: int = MISSING
     progress: str = MISSING
     checkpoints: bool = MISSING
@@ -309,6 +311,9 @@ class TrainerConfig:
                "use auto, fp32 or bf16")
         _check(self.channels_last in ("auto", "on", "off"), "trainer.channels_last", self.channels_last,
                "use auto, on or off")
+        _check(compile_mode(self.compile) in COMPILE_MODES, "trainer.compile", self.compile,
+               f"use one of {'|'.join(COMPILE_MODES)}")
+        _check(self.bptt_bucket >= 1, "trainer.bptt_bucket", self.bptt_bucket, "must be >= 1 step")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
         _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")

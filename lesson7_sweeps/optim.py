@@ -35,12 +35,13 @@ def param_groups(groups: list[nn.Module], lr: Any, weight_decay: Any) -> list[di
              "weight_decay": wd} for g, lr_, wd in zip(groups, lrs, wds)]
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
-    """`cfg` is the optim group: a partial optimizer `_target_` plus lr / weight_decay per group."""
+def build_optimizer(cfg: DictConfig, model: nn.Module, fused: bool = False) -> Optimizer:
+    """`cfg` is the optim group: a partial optimizer `_target_` plus lr / weight_decay per group.
+    `fused`: torch's fused implementation (one kernel for every parameter; CUDA and CPU)."""
     groups = param_groups(model.layer_groups(), cfg.lr, cfg.weight_decay)
     grouped = sum(len(g["params"]) for g in groups)
     if grouped != sum(1 for p in model.parameters() if p.requires_grad):
         raise ValueError(f"{type(model).__name__}.layer_groups() does not cover every parameter once")
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     del kwargs["lr"], kwargs["weight_decay"]  # given per group above
-    return instantiate(kwargs)(groups)
+    return instantiate(kwargs)(groups, **({"fused": True} if fused else {}))

@@ -27,7 +27,7 @@ from lesson7_sweeps.tracking import git_tags
 from lesson7_sweeps.train import train_run
 
 PROG = "lesson7-rerun"
-TIMING_METRICS = frozenset({"throughput"})  # wall-clock measurements: never equal between two runs
+TIMING_METRICS = frozenset({"throughput", "train_time"})  # wall-clock measurements: never equal between two runs
 
 
 def check_code(run_tags: dict[str, str], strict: bool) -> None:

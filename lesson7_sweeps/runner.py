@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from lesson7_sweeps import checkpoint as ckpt
+from lesson7_sweeps import fast
 from lesson7_sweeps.models.rnn import generate
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import Logger
@@ -66,17 +67,35 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc: DictConfig, prec: Precision) -> Tensor:
+@dataclass
+class Step:
+    """How train_step runs: the forward + loss (eager or compiled), and the bucket width that a
+    compiled text step pads its sections to (None: no padding). fast.py says why losses are unchanged."""
+
+    loss: fast.LossFn
+    width: int | None
+
+    @classmethod
+    def choose(cls, tc: DictConfig, model: nn.Module) -> Step:
+        mode = fast.compile_mode(tc.compile)
+        width = fast.bucket_width(model, mode, tc.bptt_bucket)
+        return cls(fast.loss_function(mode, bucketed=width is not None), width)
+
+
+def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc: DictConfig, prec: Precision,
+               how: Step) -> Tensor:
     """forward -> loss -> backward -> clip -> step; returns the loss, still on the device."""
+    steps = None
+    if how.width is not None:  # a compiled text step: one graph per bucket of lengths
+        x, y, steps = fast.pad_section(x, y, fast.bucket(x.size(0), how.width))
     with prec.context(x.device):
-        # models return log-probabilities; cross_entropy on them is the NLL (plus optional label smoothing)
-        loss = F.cross_entropy(model(prec.prepare(x)), y, label_smoothing=tc.label_smoothing)
+        loss = how.loss(model, prec.prepare(x), y, steps, tc.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.clip_grad_norm is not None:
         nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
     optimizer.step()
-    return loss.detach()
+    return loss.detach().float()  # bf16 under CPU autocast; the bookkeeping is fp32
 
 
 @torch.no_grad()
@@ -130,9 +149,12 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
     tc = cfg.trainer
     device = _device(model)
     prec = Precision.choose(tc, device, data.kind == "image")
+    how = Step.choose(tc, model)
     smooth = torch.zeros((), device=device)  # EWMA of the loss, kept on the device
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, or -1
+    readback = fast.Readback()  # train_loss and first_bad at log points, read without waiting
     epoch0, batch0, step, metrics, stop = 0, 0, 0, {}, False
+    train_time = 0.0  # seconds spent in training steps in this process (evaluation not counted)
     if start is not None:  # continue exactly where the checkpoint was taken
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
@@ -143,12 +165,19 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         metrics = start["metrics"]
         ckpt.set_rng_states(start["rng"])
 
-    def check_finite() -> None:  # one host sync; called only at log points and epoch ends
-        bad = int(first_bad.item())
+    def check_finite(bad: float | None = None) -> None:  # without `bad`: a host sync (epoch ends, saves)
+        bad = int(first_bad.item() if bad is None else bad)
         if bad >= 0:
             raise TrainingDiverged(f"loss became NaN or infinite at step {bad}")
 
+    def log_landed(wait: bool) -> None:  # the log points whose values have reached the host
+        for (at, lr), (train_loss, bad) in readback.landed(wait):
+            check_finite(bad)
+            logger.log_metrics({"train_loss": train_loss, "lr": lr}, at)
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+
     def save(name: str, epoch: int, batch: int) -> None:
+        log_landed(wait=True)
         check_finite()  # never save a diverged model over the last good one
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "config": OmegaConf.to_container(cfg, resolve=True), "epoch": epoch, "batch": batch,
@@ -171,18 +200,17 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 # ---- lr from the schedule (a pure function of the position in epochs) -> one step
                 pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
                 set_lr(optimizer, schedule(pos))
-                loss = train_step(model, optimizer, x, y, tc, prec)
+                loss = train_step(model, optimizer, x, y, tc, prec, how)
                 step, n_targets = step + 1, n_targets + y.numel()
                 # ---- bookkeeping stays on the device: no host-device sync in the hot loop
                 smooth.lerp_(loss, 1 - BETA)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 if schedule.resets_optimizer(pos, next_pos):  # the notebook's next fit() builds a new optimizer
                     optimizer.state.clear()  # momentum / Adam moments start again; saved checkpoints agree
-                if step % tc.log_every == 0:
-                    check_finite()
-                    train_loss = smooth.item() / (1 - BETA**step)
-                    logger.log_metrics({"train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"]}, step)
-                    bar.set_postfix(loss=f"{train_loss:.4f}")
+                if step % tc.log_every == 0:  # (on a GPU, values logged land a step or more later)
+                    values = torch.stack([smooth / (1 - BETA**step), first_bad.float()])  # debiased loss
+                    readback.record((step, optimizer.param_groups[-1]["lr"]), values)
+                    log_landed(wait=False)
                 for cycle in schedule.cycles_ended(pos, next_pos) if tc.checkpoints else []:
                     save(f"cycle_{cycle}.pt", epoch, i + 1)
                 if signals:  # SIGINT / SIGTERM: stop here, where every state is consistent
@@ -191,14 +219,18 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 stop = tc.max_steps is not None and step >= tc.max_steps
                 if stop:
                     break
+            check_finite()  # also waits for the device, so the clock below is honest
+            elapsed = time.perf_counter() - started
+            train_time += elapsed
+            throughput = n_targets / elapsed  # characters or images per second
+            log_landed(wait=True)
             bar.close()
             batch0 = 0
-            check_finite()  # also waits for the device, so the clock below is honest
-            throughput = n_targets / (time.perf_counter() - started)  # characters or images per second
             metrics = evaluate(model, data, prec)
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
-            logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput}, step)
+            logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput, "train_time": train_time},
+                               step)
             log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             stop = stop or (report is not None and report(step, metrics[cfg.objective]))
             if stop or epoch + 1 == tc.epochs:
@@ -232,6 +264,7 @@ def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, 
     lowest smoothed loss divided by 10 (a usual pick)."""
     fc, tc = cfg.trainer.lr_finder, cfg.trainer
     prec = Precision.choose(tc, _device(model), data.kind == "image")
+    how = Step.choose(tc, model)
     last_base = optimizer.param_groups[-1]["base_lr"]
     lrs: list[float] = []
     losses: list[float] = []
@@ -243,7 +276,7 @@ def lr_find(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, 
                 raise ckpt.stopping(signals, saved=False)
             lr = fc.start_lr * (fc.end_lr / fc.start_lr) ** ((step - 1) / (fc.num_steps - 1))
             set_lr(optimizer, lr / last_base)
-            loss = train_step(model, optimizer, x, y, tc, prec).item()  # a diagnostic: syncing is fine
+            loss = train_step(model, optimizer, x, y, tc, prec, how).item()  # a diagnostic: syncing is fine
             smooth = BETA * smooth + (1 - BETA) * loss
             debiased = smooth / (1 - BETA**step)
             lrs.append(lr)

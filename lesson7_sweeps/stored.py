@@ -112,9 +112,15 @@ def _pick_option(group: str, node: Any, preferred: list[str | None]) -> str:
 _ABSENT = object()  # the old shape "the key is not there"
 
 
-def _data_node(tree: dict) -> list[tuple[str, dict]]:
-    node = tree.get("data")
-    return [("data", node)] if isinstance(node, dict) else []
+def _group_node(group: str) -> Callable[[dict], list[tuple[str, dict]]]:
+    def nodes(tree: dict) -> list[tuple[str, dict]]:
+        node = tree.get(group)
+        return [(group, node)] if isinstance(node, dict) else []
+
+    return nodes
+
+
+_data_node, _trainer_node = _group_node("data"), _group_node("trainer")
 
 
 def _phase_nodes(tree: dict) -> list[tuple[str, dict]]:
@@ -142,6 +148,8 @@ LEGACY_RULES = [
     Rule(_phase_nodes, "reset_optimizer", _ABSENT, False, "the old code kept one optimizer for all phases"),
     Rule(_phase_nodes, "warmup", _ABSENT, "cycle", "the old per-cycle warm-up",
          applies=lambda node: node.get("kind") == "sgdr"),
+    Rule(_trainer_node, "compile", False, "off", "eager, as compile=false"),
+    Rule(_trainer_node, "compile", True, "default", "torch.compile's default mode, as compile=true"),
 ]
 
 

@@ -30,6 +30,7 @@ from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
 from lesson7_sweeps.config import CONF_DIR, register_schemas, validate
 from lesson7_sweeps.errors import CheckpointError, ConfigError, DataError, UserError
+from lesson7_sweeps.fast import compile_mode
 from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
@@ -142,9 +143,8 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
     check_fits(lambda: build(cfg.model, **data.model_args()), device)
     model = build(cfg.model, **data.model_args()).to(device)
-    if cfg.trainer.compile:
-        model.compile()  # in place: the module (and its reset()/hidden state) stays the same object
-    optimizer = build_optimizer(cfg.optim, model)
+    # compiled steps (runner.Step) pair with torch's fused optimizer: one kernel for all parameters
+    optimizer = build_optimizer(cfg.optim, model, fused=compile_mode(cfg.trainer.compile) != "off")
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
 
     def load(path: Path | None) -> dict | None:  # before the run is marked RUNNING again

@@ -45,18 +45,20 @@ TWO_PHASES = ("schedule.phases[0].reset_optimizer, schedule.phases[1].reset_opti
               "(the old code kept one optimizer for all phases)")
 CYCLE = "schedule.phases[1].warmup -> cycle (the old per-cycle warm-up)"
 SPLIT = "data.valid_from_line -> null (the valid_frac cut, the old code's only split)"
+EAGER = "trainer.compile=false -> off (eager, as compile=false)"
 
 # per file: what the upgrade must set, and the note that must say so. The lstm run's tags name
 # experiment=lesson6_lstm, whose preset today splits at line 8000: the run keeps its valid_frac cut.
 UPGRADES = {
     "8bb25d1-lstm-sgdr": ({"data.valid_from_line": None, "schedule.phases[1].warmup": "cycle"},
-                          [SPLIT, TWO_PHASES, CYCLE]),
-    "ee16b29-gru-constant": ({"data.valid_from_line": None}, [SPLIT, TWO_PHASES]),
+                          [SPLIT, TWO_PHASES, CYCLE, EAGER]),
+    "ee16b29-gru-constant": ({"data.valid_from_line": None}, [SPLIT, TWO_PHASES, EAGER]),
     "8bb25d1-convbnnet-tta": ({"data.tta": "views", "schedule.phases[1].warmup": "cycle"},
                               ["data.tta=true -> views (identity, flip, 2-pixel shifts: what tta=true averaged)",
-                               TWO_PHASES, CYCLE]),
+                               TWO_PHASES, CYCLE, EAGER]),
     "8bb25d1-simplenet-notta": ({"data.tta": "none", "schedule.phases[1].warmup": "cycle"},
-                                ["data.tta=false -> none (no val_accuracy_tta, as tta=false)", TWO_PHASES, CYCLE]),
+                                ["data.tta=false -> none (no val_accuracy_tta, as tta=false)", TWO_PHASES, CYCLE,
+                                 EAGER]),
 }
 
 
@@ -85,6 +87,7 @@ def test_a_legacy_config_rebuilds_with_the_old_behaviour_and_says_so(name: str):
     stored = OmegaConf.create(legacy_text(name))
     if "tta" in stored.data:
         stored.data.tta = upgraded["data.tta"]
+    stored.trainer.compile = "off"
     for key in ("data", "model", "optim", "trainer", "tracking"):
         mine = OmegaConf.to_container(cfg[key])
         assert {k: mine[k] for k in stored[key]} == OmegaConf.to_container(stored[key]), key

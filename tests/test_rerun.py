@@ -76,7 +76,7 @@ def test_a_deterministic_cpu_rerun_reproduces_every_final_metric(make_cfg, store
         assert artifact_text(store, run_id, name, tmp_path / "a") == artifact_text(store, new.info.run_id, name,
                                                                                      tmp_path / "b")
     assert set(new.data.metrics) == set(old.data.metrics) >= {"val_loss", "val_accuracy", "train_loss", "throughput"}
-    timing = {"throughput"}
+    timing = {"throughput", "train_time"}
     exact = {k: v for k, v in old.data.metrics.items() if k not in timing}
     assert {k: v for k, v in new.data.metrics.items() if k not in timing} == exact  # bit-identical floats
 

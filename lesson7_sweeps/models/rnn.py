@@ -52,13 +52,19 @@ class LoopRNN(nn.Module):
         self.drop = nn.Dropout(dropout)  # between layers, as nn.LSTM(dropout=...) does
         self.lstm = kind == "lstm"
 
-    def forward(self, x: Tensor, hidden: Hidden) -> tuple[Tensor, Hidden]:
+    def forward(self, x: Tensor, hidden: Hidden, steps: Tensor | None = None) -> tuple[Tensor, Hidden]:
+        """`steps`: the real length of a padded x (a 0-d tensor); the state holds still after it."""
         states = list(zip(*hidden)) if self.lstm else list(hidden)  # one state per layer
         for i, cell in enumerate(self.cells):
             outs = []
-            for x_t in x:
-                states[i] = cell(x_t, states[i])
-                outs.append(states[i][0] if self.lstm else states[i])
+            for t, x_t in enumerate(x):
+                new = cell(x_t, states[i])
+                if steps is not None:  # a select, not a branch: one graph serves every real length
+                    real = t < steps
+                    new = tuple(torch.where(real, a, b) for a, b in zip(new, states[i])) if self.lstm else \
+                        torch.where(real, new, states[i])
+                states[i] = new
+                outs.append(new[0] if self.lstm else new)
             x = torch.stack(outs)
             if i < len(self.cells) - 1:
                 x = self.drop(x)
@@ -89,6 +95,7 @@ class CharRNN(nn.Module):
             self.rnn = LoopRNN(kind, n_fac, n_hidden, n_layers, dropout)
         self.decoder = nn.Linear(n_hidden, vocab_size)
         self.h: Hidden | None = None
+        self.pads = cell == "loop"  # forward(x, steps) holds the state over padding (fast.py)
 
     def init_hidden(self, bs: int, device: torch.device) -> Hidden:
         zeros = torch.zeros(self.n_layers, bs, self.n_hidden, device=device)
@@ -97,14 +104,15 @@ class CharRNN(nn.Module):
     def reset(self) -> None:
         self.h = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [seq_len, bs] token ids -> [seq_len * bs, vocab_size] log-probabilities."""
+    def forward(self, x: Tensor, steps: Tensor | None = None) -> Tensor:
+        """x: [seq_len, bs] token ids -> [seq_len * bs, vocab_size] log-probabilities. `steps`: x is
+        padded after that many steps (loop cells only); the state carried on is the one at `steps`."""
         bs = x.size(1)
         state = self.h
         batch_changed = state is not None and (state[0] if self.kind == "lstm" else state).size(1) != bs
         if not self.stateful or state is None or batch_changed:
             state = self.init_hidden(bs, x.device)
-        out, h = self.rnn(self.emb(x), state)
+        out, h = self.rnn(self.emb(x), state) if steps is None else self.rnn(self.emb(x), state, steps)
         self.h = tuple(t.detach() for t in h) if self.kind == "lstm" else h.detach()
         return F.log_softmax(self.decoder(out), dim=-1).view(-1, self.vocab_size)
 
