@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     # epoch lines on stderr, as lesson7-train prints them through Hydra's logging
     handler, pkg = logging.StreamHandler(sys.stderr), logging.getLogger("lesson7_sweeps")
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    level = pkg.level
+    level, propagate = pkg.level, pkg.propagate
     pkg.addHandler(handler)
     pkg.setLevel(logging.INFO)
+    pkg.propagate = False  # mlflow.pytorch.log_model gives the root logger a handler: each line would print twice
     try:
         rerun(args)
         return 0
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pkg.removeHandler(handler)
         pkg.setLevel(level)
+        pkg.propagate = propagate
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ class MlflowLogger:
             db = Path(self.uri.removeprefix("sqlite:///"))
             location = self.artifact_location or str(db.parent / "mlartifacts")
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # another job created it between our lookup and create
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -524,6 +524,11 @@ class MlflowLogger:
                             f"or add --force")
         _end(client, run_id, "FAILED", "left RUNNING; marked FAILED by lesson7-train --mark-failed")
 
+
+
+# MLflow 3's UI opens an experiment of unknown kind in its GenAI view (a sweep's parent shown as an
+# "Evaluation"); this kind opens the classic runs table
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _quiet_store_errors() -> None:

@@ -248,14 +248,15 @@ def cli() -> None:
     """Console entry: check every composed config before Hydra starts any job. A sweep that stops
     early (Ctrl-C, SIGTERM, an error) ends its parent run KILLED or FAILED here."""
     from lesson7_sweeps.preflight import preflight
-    from lesson7_sweeps.usage import mark_failed_cli, usage
+    from lesson7_sweeps.usage import check_commands, lr_find_usage, mark_failed_cli, usage
 
     if sys.argv[1:2] == ["--mark-failed"]:
         sys.exit(mark_failed_cli(sys.argv[2:]))
     if {"--help", "-h"} & set(sys.argv[1:]):
-        print(usage())
+        print(lr_find_usage() if "+lr_find=true" in sys.argv else usage())
         return
     try:
+        check_commands(sys.argv[1:])
         preflight(sys.argv[1:], CONF_DIR, "train")
         main()
         sweep.raise_unended()  # a sweep whose store failed: its runs left RUNNING, said in one line

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lesson7_sweeps.config import CONF_DIR
-from lesson7_sweeps.errors import UserError
+from lesson7_sweeps.errors import ConfigError, UserError
 
 PROG = "lesson7-train"
 GROUPS = ("data", "model", "optim", "schedule", "trainer", "tracking", "experiment", "sweep")
@@ -52,6 +52,37 @@ runs, rerun and resume:
 
 Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and marks the run KILLED (exit 128+signal); bad input is one line
 and exit code 2. Hydra's own options: {PROG} --hydra-help"""
+
+
+def lr_find_usage() -> str:
+    return f"""usage: lesson7-lr-find [GROUP=OPTION ...] [KEY=VALUE ...]
+
+The lesson's learning-rate finder (= {PROG} +lr_find=true): lr grows exponentially from
+trainer.lr_finder.start_lr to end_lr over num_steps optimizer steps (each layer group keeps its ratio
+to the last), stopping once the smoothed loss exceeds stop_factor x the lowest. The loss-vs-lr plot
+(lr_find.png) and the metrics lr_find_loss / lr_find_lr go to an MLflow run named `lr-find ...`
+(run_type=lr_find); the suggested lr (a tenth of the lr at the lowest loss) is printed.
+
+examples:
+  lesson7-lr-find model=lstm                       the lesson-6 LSTM on Nietzsche
+  lesson7-lr-find data=cifar10 model=resnet2 trainer.lr_finder.end_lr=1
+  lesson7-lr-find model=gru trainer.lr_finder.num_steps=100 trainer.device=cpu
+
+Every group and key of `{PROG} --help` applies."""
+
+
+def check_commands(argv: list[str]) -> None:
+    """Hydra runs one command at a time (-m, --cfg, --info, ...) and says so with a traceback."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own parser: the same flags, spelled alike
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    given = [flag for flag, on in (("-m", args.multirun), ("--run", args.run), ("--cfg", args.cfg is not None),
+                                   ("--info", args.info is not None), ("--shell-completion", args.shell_completion))
+             if on]
+    if len(given) > 1:
+        hint = (f"; a sweep's trial config: drop -m and give one value of each swept key ({PROG} data.bptt=8 "
+                f"--cfg job)" if "-m" in given and "--cfg" in given else "")
+        raise ConfigError(f"{' and '.join(given)} cannot be combined: Hydra runs one of them at a time{hint}")
 
 
 def mark_failed_cli(argv: list[str]) -> int:

@@ -194,6 +194,19 @@ def test_the_summary_names_the_best_trial_and_counts_the_failed_ones(grid):
 
 
 @pytest.mark.slow
+def test_lesson7_compare_reads_a_sweep_without_importing_torch(grid):
+    """Its default store comes from conf/ composed without the training code: a table in ~2 s, not 4-17."""
+    tmp_path, _ = grid
+    code = ("import sys; from lesson7_sweeps.sweeps.compare import main; assert main([]) == 0; "
+            "print([m for m in ('torch', 'lesson7_sweeps.train') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert proc.returncode == 0, proc.stderr
+    *table, imported = proc.stdout.strip().splitlines()
+    assert imported == "[]" and any("bptt" in line for line in table)
+
+
+@pytest.mark.slow
 def test_lesson7_compare_prints_the_latest_sweep_and_csv(grid, capsys):
     tmp_path, _ = grid
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -16,23 +16,13 @@ from pathlib import Path
 import pandas as pd
 
 from lesson7_sweeps.errors import UserError
+from lesson7_sweeps.stored import default_uri  # composes conf/ without importing torch (lesson7_sweeps.train)
 from lesson7_sweeps.sweeps.names import printable
 from lesson7_sweeps.sweeps.summary import csv_safe, render, trial_table
 from lesson7_sweeps.tracking import MlflowLogger
 
 PROG = "lesson7-compare"
 SWEEPS = "tags.run_type = 'sweep'"
-
-
-def default_uri() -> str:
-    """lesson7-train's store: MLFLOW_TRACKING_URI, else the default of conf/tracking/mlflow.yaml."""
-    from hydra import compose, initialize_config_dir
-
-    import lesson7_sweeps.train  # noqa: F401  (registers the schemas and the abspath resolver)
-    from lesson7_sweeps.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=["tracking=mlflow"]).tracking.uri
 
 
 def parents(uri: str, run_id: str | None, experiment: str | None) -> tuple[MlflowLogger, list]:
