@@ -20,7 +20,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lesson7_sweeps.errors import ConfigError
-from lesson7_sweeps.fast import COMPILE_MODES, compile_mode
+
+# torch.compile's modes, or eager; defined here, not in fast.py, so that reading a config imports no torch
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_mode(setting: str) -> str:
+    """The mode a trainer.compile setting names; "True"/"False" are what OmegaConf makes of the
+    booleans earlier versions took (true = torch.compile's default mode)."""
+    return {"True": "default", "False": "off"}.get(setting, setting)
+
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # what `objective` may name, and which way a sweep optimises it

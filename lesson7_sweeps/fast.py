@@ -16,15 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes, or eager
 IGNORE = -100  # cross_entropy's ignore_index: a padded target
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor | None, float], Tensor]
-
-
-def compile_mode(setting: str) -> str:
-    """The mode a trainer.compile setting names; "True"/"False" are what OmegaConf makes of the
-    booleans earlier versions took (true = torch.compile's default mode)."""
-    return {"True": "default", "False": "off"}.get(setting, setting)
 
 
 def bucket(n: int, width: int) -> int:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import fast
+from lesson7_sweeps.config import compile_mode
 from lesson7_sweeps.models.rnn import generate
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import Logger
@@ -77,7 +78,7 @@ class Step:
 
     @classmethod
     def choose(cls, tc: DictConfig, model: nn.Module) -> Step:
-        mode = fast.compile_mode(tc.compile)
+        mode = compile_mode(tc.compile)
         width = fast.bucket_width(model, mode, tc.bptt_bucket)
         return cls(fast.loss_function(mode, bucketed=width is not None), width)
 

@@ -274,8 +274,6 @@ class MlflowLogger:
             self.client.delete_tag(run_id, "failure_reason")
         self._beat = time.time()
         self.client.set_tag(run_id, HEARTBEAT_TAG, str(int(self._beat)))
-        if "failure_reason" in run.data.tags:  # why it stopped last time (a requeue, Ctrl-C) is over now
-            self.client.delete_tag(run_id, "failure_reason")
         self.client.update_run(run_id, status="RUNNING")
         self.run_id, self._logged = run_id, logged
         log.info("resuming MLflow run %s from %s", run_id, f"checkpoints/{checkpoint}" if path else "the start")

@@ -28,9 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
-from lesson7_sweeps.config import CONF_DIR, register_schemas, validate
+from lesson7_sweeps.config import CONF_DIR, compile_mode, register_schemas, validate
 from lesson7_sweeps.errors import CheckpointError, ConfigError, DataError, UserError
-from lesson7_sweeps.fast import compile_mode
 from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule

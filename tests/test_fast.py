@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 from lesson7_sweeps import fast, runner
-from lesson7_sweeps.config import validate
+from lesson7_sweeps.config import compile_mode, validate
 from lesson7_sweeps.models.rnn import CharRNN
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
@@ -43,7 +43,7 @@ def test_lengths_share_a_bucket_up_to_its_width():
 
 
 def test_old_booleans_read_as_modes():
-    assert [fast.compile_mode(s) for s in ("True", "False", "reduce-overhead")] == ["default", "off", "reduce-overhead"]
+    assert [compile_mode(s) for s in ("True", "False", "reduce-overhead")] == ["default", "off", "reduce-overhead"]
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -78,7 +78,7 @@ def fit_losses(make_cfg, tmp_path, *overrides: str) -> tuple[list[float], dict[s
     torch.manual_seed(cfg.seed)
     data = instantiate(cfg.data, device="cpu", seed=cfg.seed)
     model = instantiate(cfg.model, **data.model_args())
-    fused = fast.compile_mode(cfg.trainer.compile) != "off"
+    fused = compile_mode(cfg.trainer.compile) != "off"
     optimizer = build_optimizer(cfg.optim, model, fused=fused)
     recorder = Recorder()
     metrics = runner.fit(cfg, model, data, optimizer, Schedule(cfg.schedule.phases, 1), recorder, tmp_path)

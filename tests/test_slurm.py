@@ -95,11 +95,16 @@ def training_run(tmp_path: Path, trial: int, min_epochs: int, proc: subprocess.P
     raise AssertionError(f"trial {trial} did not train {min_epochs} epochs in time")
 
 
-def job_states(job_id: str) -> list[str]:
-    """Every record of the job in SLURM's accounting, oldest first (a requeue adds one: REQUEUED)."""
-    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                         text=True, check=True).stdout
-    return out.splitlines()
+def job_states(job_id: str, settle_s: float = 30) -> list[str]:
+    """Every record of the job in SLURM's accounting, oldest first (a requeue adds one: REQUEUED). The
+    accounting daemon records a job's end a moment after it: wait until the last record is final."""
+    deadline = time.time() + settle_s
+    while True:
+        states = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+        if (states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")) or time.time() > deadline:
+            return states
+        time.sleep(1)
 
 
 def assert_steps_once(client: MlflowClient, run_id: str, epochs: int) -> None:
@@ -167,9 +172,9 @@ def test_cancelling_every_job_ends_the_sweep_killed_in_one_line(tmp_path: Path):
 
 def test_a_trial_longer_than_its_time_limit_finishes_across_several_jobs_in_one_run(tmp_path: Path):
     # SLURM's limits are whole minutes and it checks them every 30 s: with a 1-minute limit, submitit's
-    # signal (50 s before it) comes 10 to 40 s into each job, before this trial's 45+ s of training end
-    # (0.1 s an epoch on the CI machine)
-    epochs = 450
+    # signal (50 s before it) comes 10 to 40 s into each job, before this trial's 50+ s of training end
+    # (0.044 s an epoch on a quiet 2-core machine, 0.1 s on a loaded one)
+    epochs = 1200
     run(sweep_cmd_on_slurm(tmp_path, 1, epochs, "hydra.sweeper.n_jobs=1", "trainer.log_every=25",
                            "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50",
                            "hydra.launcher.max_num_timeout=10"), tmp_path)

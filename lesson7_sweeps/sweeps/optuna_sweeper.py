@@ -40,7 +40,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps.errors import ConfigError, UserError
-from lesson7_sweeps.sweeps import parent
 from lesson7_sweeps.sweeps.optuna_study import (
     SAMPLERS,
     build_pruner,
@@ -97,7 +96,7 @@ class OptunaSweeper(Sweeper):
         from optuna.exceptions import ExperimentalWarning
         from optuna.trial import TrialState
 
-        from lesson7_sweeps.sweeps import search_space
+        from lesson7_sweeps.sweeps import parent, search_space  # parent: torch, only when a sweep starts
 
         # heartbeats are ours (not optimize()'s), and fail_stale_trials is stable in practice since v2.9
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
@@ -328,6 +327,7 @@ class OptunaSweeper(Sweeper):
         that are RUNNING or FINISHED (their sweeper died or lost the database before telling) end FAILED."""
         from optuna.trial import TrialState
 
+        from lesson7_sweeps.sweeps import parent
         from lesson7_sweeps.tracking import fail_runs
 
         if trials is None:
@@ -361,6 +361,7 @@ class OptunaSweeper(Sweeper):
 
     def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
         """Importances and history plots onto the sweep's parent run, when there is one."""
+        from lesson7_sweeps.sweeps import parent
         from lesson7_sweeps.sweeps.optuna_report import write_report
 
         run = parent.current()
