@@ -455,14 +455,17 @@ class MlflowLogger:
         if not self.uri.startswith("sqlite:///") or str(path) in ("", ".", ":memory:"):
             raise UserError(f"tracking.uri={self.uri}: give a file, e.g. sqlite:///ABS/PATH/mlflow.db")
         if path.exists():
-            header = b"" if path.is_dir() else path.open("rb").read(len(SQLITE_HEADER))
-            if path.is_dir() or header not in (SQLITE_HEADER, b""):
-                raise UserError(f"tracking.uri={self.uri}: {path} is not an SQLite database; point tracking.uri "
-                                f"at an MLflow store or at a new file")
+            if path.resolve() not in _sqlite_files:
+                header = b"" if path.is_dir() else path.open("rb").read(len(SQLITE_HEADER))
+                if path.is_dir() or header not in (SQLITE_HEADER, b""):
+                    raise UserError(f"tracking.uri={self.uri}: {path} is not an SQLite database; point "
+                                    f"tracking.uri at an MLflow store or at a new file")
+                if header == SQLITE_HEADER:
+                    _sqlite_files.add(path.resolve())
             if writing and (not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK)):
                 raise UserError(f"tracking.uri={self.uri}: {path} is not writable; fix its permissions or use "
                                 f"another store")
-            return header == SQLITE_HEADER
+            return path.resolve() in _sqlite_files
         folder = path.parent
         while not folder.exists():
             folder = folder.parent
@@ -523,6 +526,11 @@ class MlflowLogger:
         _end(client, run_id, "FAILED", "left RUNNING; marked FAILED by lesson7-train --mark-failed")
 
 
+
+# SQLite databases whose header this process has read. Once: closing any file descriptor of a database
+# drops every POSIX lock this process holds on it (SQLite's "how to corrupt" 2.2), so reading the header
+# again while MLflow's connections (its async logging thread) write gives them "disk I/O error"
+_sqlite_files: set[Path] = set()
 
 # MLflow 3's UI opens an experiment of unknown kind in its GenAI view (a sweep's parent shown as an
 # "Evaluation"); this kind opens the classic runs table

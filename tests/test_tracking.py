@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from lesson7_sweeps.tracking import MlflowLogger
+
+from .conftest import seed_store
 
 
 def test_a_resumed_run_fills_the_gaps_a_killed_run_left_and_logs_nothing_twice(tmp_path: Path):
@@ -26,3 +31,23 @@ def test_a_resumed_run_fills_the_gaps_a_killed_run_left_and_logs_nothing_twice(t
 
     history = MlflowClient(uri).get_metric_history(first.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == [(5, 3.0), (10, 2.0), (15, 1.0)]
+
+
+def test_checking_a_store_keeps_the_sqlite_locks_this_process_holds(tmp_path: Path):
+    """check() runs in processes that already write to the store (a sweep's search() while MLflow's
+    async thread logs). Opening and closing the database file there would drop every POSIX lock the
+    process holds on it, and the writers would meet "disk I/O error"."""
+    db = tmp_path / "mlflow.db"
+    seed_store(db)
+    logger = MlflowLogger(f"sqlite:///{db}", "test", None, None, heartbeat_s=30, stale_after_s=300)
+    logger.check(writing=False)  # the first check: before any connection of this process
+    con = sqlite3.connect(db, timeout=0)
+    con.execute("BEGIN IMMEDIATE")  # this process now holds the write lock, as a writing thread would
+    try:
+        logger.check(writing=False)
+        other = subprocess.run([sys.executable, "-c", f"import sqlite3; sqlite3.connect({str(db)!r}, timeout=0)"
+                                ".execute('BEGIN IMMEDIATE')"], capture_output=True, text=True, timeout=60)
+        assert "database is locked" in other.stderr, "another process took the write lock this one holds"
+    finally:
+        con.rollback()
+        con.close()
