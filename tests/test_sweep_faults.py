@@ -65,9 +65,16 @@ def held_workers(proc: subprocess.Popen, n: int = 2) -> list[psutil.Process]:
     (a process held inside a write would hold the sqlite lock): their trial stays RUNNING, and the
     sweeper lives and beats for it."""
     workers: dict[int, psutil.Process] = {}
+
+    def command(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # a short-lived helper process that ended (or is a zombie) meanwhile
+            return ""
+
     wait_until(lambda: len(workers) == n or any(
         workers.setdefault(p.pid, p).suspend() for p in psutil.Process(proc.pid).children(recursive=True)
-        if p.pid not in workers and "popen_loky_posix" in " ".join(p.cmdline())), proc, "saw its joblib workers")
+        if p.pid not in workers and "popen_loky_posix" in command(p)), proc, "saw its joblib workers")
     return list(workers.values())
 
 
