@@ -4,12 +4,13 @@
 # time-out loses nothing); the script keeps to its own budget (8 min on an H100/H200, install
 # included) and ends by printing the Markdown table for BENCHMARKS.md ($OUT/table.md).
 #   Here, once:   ../shared/device/wheelhouse.sh        (builds .whl/ and .device-data/, git-ignored)
+#                 (a step of its own: it needs git's view of the clone and the package index, which a
+#                 CI machine may not give; the rehearsal measures .whl/ when it is there)
 #   Device call:  command "bash benchmarks/gpu_check.sh", carry [".whl", ".device-data"], timeout_s 540
 #   Rehearsal:    bash benchmarks/gpu_check.sh --rehearse
 # --rehearse runs every part on the CPU at tiny sizes (same code, cuda -> cpu, steps cut, generated
 # data) in <= 3 min on 2 cores, checks that every part wrote its JSON and the table appeared, and that
-# what travels to the device (the tree, .whl, the data) stays under 64 MiB (after wheelhouse.sh when
-# it can run here: a clone, not a git worktree).
+# what travels to the device (the tree, .whl when wheelhouse.sh made it, the data) stays under 64 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rehearse=0; [ "${1:-}" = "--rehearse" ] && rehearse=1
@@ -18,8 +19,6 @@ start=$SECONDS
 export PYTHONUNBUFFERED=1
 if [ $rehearse = 1 ]; then
   budget=300; device=cpu; py=python  # ~3 min on 2 quiet cores (the compiles are most of it); a cap
-  wheelhouse=${WHEELHOUSE:-../shared/device/wheelhouse.sh}
-  if [ -d .git ] && [ -x "$wheelhouse" ]; then "$wheelhouse" >"$OUT/wheelhouse.log" 2>&1 || { echo "wheelhouse.sh failed"; exit 1; }; fi
   data_dir=.device-data; [ -d "$data_dir" ] || data_dir=../shared/data
   carried=$( (git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1;
               du -sb .whl "$data_dir" 2>/dev/null | cut -f1) | awk '{s += $1} END {print s}')
