@@ -550,6 +550,17 @@ def heartbeat_age(run: Any) -> float | None:
     return None if run.info.status != "RUNNING" or beat is None else time.time() - float(beat)
 
 
+def finished_objective(uri: str | None, run_id: str) -> float | None:
+    """The objective of a run that already ended FINISHED (a requeued trial whose first job finished
+    it as the time limit's signal came), else None: the trial still has training left."""
+    from mlflow import MlflowClient
+
+    if uri is None:
+        return None
+    run = MlflowClient(uri).get_run(run_id)
+    return run.data.metrics.get("objective") if run.info.status == "FINISHED" else None
+
+
 def fail_runs(uri: str, run_ids: list[str], reason: str) -> None:
     """Mark FAILED the runs that are RUNNING or FINISHED: trials that failed elsewhere (a sweep's
     study says so: their process died, or their result was never told)."""

@@ -35,7 +35,7 @@ from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.sweeps import parent as sweep
 from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job, run_to_continue
-from lesson7_sweeps.tracking import default_run_name, flatten, git_tags
+from lesson7_sweeps.tracking import default_run_name, finished_objective, flatten, git_tags
 
 log = logging.getLogger(__name__)
 PROG = "lesson7-train"
@@ -222,23 +222,13 @@ def resume_run(cfg: DictConfig) -> float:
     return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
-def _finished_objective(cfg: DictConfig, run_id: str) -> float | None:
-    """The objective of a requeued trial's run when its first job already FINISHED it, else None."""
-    from mlflow import MlflowClient
-
-    if "uri" not in cfg.tracking:
-        return None
-    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
-    return run.data.metrics.get("objective") if run.info.status == "FINISHED" else None
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
         continued = None if cfg.resume is not None else run_to_continue()  # an Optuna trial SLURM requeued
         if continued is not None:  # continues its run; the attempt before it is gone (SLURM ended it first)
-            done = _finished_objective(cfg, continued)
+            done = finished_objective(cfg.tracking.get("uri"), continued)
             if done is not None:  # the time limit's signal reached the job as it exited: nothing left to train
                 return done
             cfg.resume, cfg.force_resume = continued, True

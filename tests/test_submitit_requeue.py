@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from optuna.distributions import FloatDistribution
 
 from lesson7_sweeps.sweeps.optuna_trial import RUN_ID, run_to_continue
-from lesson7_sweeps.train import CONF_DIR, train_run
+from lesson7_sweeps.train import CONF_DIR, main, train_run
 
 from .conftest import tiny_overrides
 
@@ -54,3 +54,17 @@ def test_a_requeued_trial_finds_the_run_its_first_attempt_started(trial_job, tmp
 
 def test_outside_an_optuna_sweep_nothing_is_continued():
     assert not HydraConfig.initialized() and run_to_continue() is None
+
+
+def test_a_requeue_of_a_trial_whose_run_already_finished_returns_its_objective(trial_job, tmp_path: Path):
+    # SLURM's time-limit signal can reach a job as it exits: the requeued job finds its run FINISHED
+    cfg, study, trial = trial_job
+    outcome = train_run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")]
+    objective = client.get_run(outcome.run_id).data.metrics["objective"]
+    assert main.__wrapped__(cfg) == objective  # the job again, as SLURM's requeue starts it
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")] == steps  # nothing retrained
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # and no second run
