@@ -15,7 +15,9 @@ def main(cfg: DictConfig) -> object:
     if cfg.get("objectives", 1) == 2:  # Binh and Korn
         return 4 * x**2 + 4 * y**2, (x - 5) ** 2 + (y - 5) ** 2
     trial = current_trial()
-    value = x**2 + y**2 + cfg.get("w", 0) ** 2 + cfg.get("z", 0) ** 2
+    value = x**2 + y**2
+    if "max_z_difference_from_x" in cfg:  # the custom search space's multi-dimensional sphere
+        value += cfg.w**2 + cfg.z**2
     for step in range(cfg.get("steps", 0)):  # a curve that ends at `value`: the pruner compares it
         if trial is not None:
             trial.report(step, value + 10 / (step + 1))

@@ -14,18 +14,19 @@ SWEEPER_TARGET = "hydra_plugins.lesson7_optuna_sweeper.optuna_sweeper.OptunaSwee
 
 
 @dataclass
-class TPESamplerConf:
+class TPESamplerConf:  # null: Optuna's own default
     _target_: str = "optuna.samplers.TPESampler"
     seed: Any = None
-    prior_weight: float = 1.0
-    consider_magic_clip: bool = True
-    consider_endpoints: bool = False
+    consider_prior: Any = None
+    prior_weight: Any = None
+    consider_magic_clip: Any = None
+    consider_endpoints: Any = None
     n_startup_trials: int = 10
     n_ei_candidates: int = 24
-    multivariate: bool = False
+    multivariate: Any = None
     group: bool = False
-    warn_independent_sampling: bool = True
-    constant_liar: bool = False  # True helps parallel trials (n_jobs > 1) spread out
+    warn_independent_sampling: Any = None
+    constant_liar: bool = True  # parallel trials (n_jobs > 1) spread out instead of piling on one point
 
 
 @dataclass

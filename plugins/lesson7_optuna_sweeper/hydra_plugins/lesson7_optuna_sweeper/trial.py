@@ -20,6 +20,7 @@ Raising `optuna.TrialPruned` works too.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -71,7 +72,16 @@ def optuna_trial() -> Any:
         return None
     import optuna
 
-    storage = optuna.storages.get_storage(storage_url(hc.sweeper, hc.sweep.dir))
+    storage = _storage(storage_url(hc.sweeper, hc.sweep.dir))
     study = optuna.load_study(study_name=study_name(hc.sweeper), storage=storage, pruner=build_pruner(hc.sweeper))
     study_id = storage.get_study_id_from_name(study.study_name)
     return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, hc.job.num))
+
+
+@functools.cache
+def _storage(url: str) -> Any:
+    """One storage per URL and process: opening one checks the schema (~0.4 s), and a process may
+    run many jobs (the basic launcher, joblib's workers)."""
+    import optuna
+
+    return optuna.storages.get_storage(url)
