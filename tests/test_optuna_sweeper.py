@@ -110,7 +110,7 @@ def sweep_cmd(tmp_path: Path, *extra: str) -> list[str]:
 
 def grid_sweep(tmp_path: Path, space: str, seed: int, n_trials: int, *extra: str) -> list[str]:
     """A grid over `space` in the order that `seed` gives (tests pick one that sets up their case)."""
-    return sweep_cmd(tmp_path, space, "hydra.sweeper.sampler=grid", f"hydra.sweeper.seed={seed}",
+    return sweep_cmd(tmp_path, space, "hydra/sweeper/sampler=grid", f"hydra.sweeper.sampler.seed={seed}",
                      f"hydra.sweeper.n_trials={n_trials}", *extra)
 
 

@@ -395,9 +395,12 @@ class OptunaSweeper(Sweeper):
             if len(study.directions) == 1:
                 best = study.best_trial
                 results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+                log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
             else:
                 results = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values}
                                                            for t in study.best_trials]}
+                log.info("%d trials on the Pareto front: %s", len(study.best_trials),
+                         ", ".join(str(t.number) for t in study.best_trials))
             OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
         for h in self.hooks:
             h.on_study_end(study, sweep_dir)

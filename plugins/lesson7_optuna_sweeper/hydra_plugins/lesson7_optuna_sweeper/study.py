@@ -43,8 +43,8 @@ def directions(sweeper: DictConfig, default: str | None = None) -> list[str]:
     chosen = sweeper.direction if sweeper.direction is not None else default or "minimize"
     names = [str(d) for d in chosen] if OmegaConf.is_list(chosen) or isinstance(chosen, list) else [str(chosen)]
     if not names or any(d not in DIRECTIONS for d in names):
-        raise SweeperError(f"hydra.sweeper.direction={chosen} is invalid: use minimize or maximize, or a list of "
-                           f"them (one per value the task returns)")
+        raise SweeperError(f"hydra.sweeper.direction={chosen} is invalid: use minimize, maximize or null, or a "
+                           f"list of minimize/maximize (one per value the task returns)")
     return names
 
 
