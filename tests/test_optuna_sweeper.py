@@ -254,9 +254,12 @@ def test_too_many_failed_trials_stop_the_sweep_with_one_line(monkeypatch, capsys
     assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL]
 
 
-def test_parallel_trials_in_one_process_are_refused(monkeypatch, capsys, tmp_path: Path):
+def test_parallel_trials_in_one_process_and_unknown_settings_are_refused(monkeypatch, capsys, tmp_path: Path):
     cmd = sweep_cmd(tmp_path, "optim.lr=choice(0.1,0.2)", "hydra.sweeper.n_jobs=2")
     code, err, _ = run_cli(monkeypatch, capsys, tmp_path, cmd[1:])
     assert code == 2 and err[-1] == (
         "lesson7-train: error: hydra.sweeper.n_jobs=2 needs jobs in other processes: add hydra/launcher=joblib "
         "(hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*cmd[1:-1], "+hydra.sweeper.n_trial=50"])
+    assert code == 2 and len(err) == 1 and err[0].startswith(  # a typo is not silently ignored
+        "lesson7-train: error: hydra.sweeper.n_trial is not a setting of hydra/sweeper=optuna: use ")
