@@ -14,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.test_utils.test_utils import SweepTaskFunction
@@ -246,7 +245,6 @@ def test_deliberate_differences():
     with pytest.raises(SweeperError, match="needs a search space"):  # published: runs n_trials of nothing
         check_settings(settings, launcher, {})
     assert settings.max_failure_rate == 0.25 and settings.n_jobs == 1  # published: 0.0 and 2
-    assert OverridesParser.create().parse_override("x=range(1,3)").sweep_iterator  # Hydra's own range
 
 
 def test_sampler_shorthand_and_group_build_the_same_sampler():
