@@ -187,17 +187,15 @@ def test_failure_rate(app, tmp_path, capsys, max_failure_rate):
 
 
 def test_pruning_through_the_reporting_api_and_numpy_values(app, tmp_path):
-    # x=choice(0, 4): the curves of x=4 lie above those of x=0 at every step; startup 1, so once one
-    # trial finished, a worse one is PRUNED at its first report; the task returns a 0-d numpy array
-    with app(tmp_path, "sphere", "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=grid", "x=choice(0, 4)",
-             "y=0", "+steps=3", "+numpy=true", "hydra.sweeper.median.n_startup_trials=1"):
-        trials = study(tmp_path, "sphere").trials
-    states = {t.params["x"]: t.state for t in trials}
-    assert len(trials) == 2 and states[0] == TrialState.COMPLETE
-    first, second = trials
-    if first.params["x"] == 0:
-        assert second.state == TrialState.PRUNED and list(second.intermediate_values) == [0]
-    assert trials[[t.params["x"] for t in trials].index(0)].value == 0.0
+    # the grid's seed 1 runs x=0 first, then x=4, whose curve lies above x=0's at every step: with
+    # n_startup_trials=1 it is PRUNED at its first report; the task returns a 0-d numpy array
+    with app(tmp_path, "sphere", "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=grid",
+             "hydra.sweeper.sampler.seed=1", "x=choice(0, 4)", "y=0", "+steps=3", "+numpy=true",
+             "hydra.sweeper.median.n_startup_trials=1"):
+        first, second = study(tmp_path, "sphere").trials
+    assert (first.params["x"], first.state, first.value) == (0, TrialState.COMPLETE, 0.0)
+    assert list(first.intermediate_values) == [0, 1, 2]
+    assert (second.params["x"], second.state, list(second.intermediate_values)) == (4, TrialState.PRUNED, [0])
 
 
 @pytest.mark.parametrize(("value", "n", "expected"), [

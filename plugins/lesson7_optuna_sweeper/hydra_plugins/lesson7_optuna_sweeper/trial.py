@@ -68,7 +68,8 @@ def optuna_trial() -> Any:
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN or not is_optuna_sweep(hc.sweeper):
+    # mode: null when a multirun is started from Python (hydra.test_utils), not from the command line
+    if hc.mode == RunMode.RUN or not is_optuna_sweep(hc.sweeper):
         return None
     import optuna
 
