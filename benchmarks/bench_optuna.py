@@ -55,7 +55,7 @@ def sweep(root: Path, side: str, text: Path, epochs: int) -> tuple[float, float,
         runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
         values = [r.data.metrics["val_loss"] for r in runs if r.info.status == "FINISHED"]
         return wall, min(values), len(values)
-    study = optuna.load_study(study_name="lesson7", storage=f"sqlite:///{out}/multirun/optuna.db")
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{out}/multirun/optuna.db")
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     return wall, study.best_value, len(done)
 

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from hydra_plugins.lesson7_optuna_sweeper import SweeperError, search_space
+from hydra_plugins.lesson7_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from lesson7_sweeps.errors import ConfigError
-from lesson7_sweeps.sweeps import search_space
 from lesson7_sweeps.sweeps.optuna_study import OptunaSweeperConf, build_pruner, direction, storage_url
-from lesson7_sweeps.sweeps.optuna_sweeper import OptunaSweeper
 from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
 
 from .conftest import make_text, run_cli, tiny_overrides
@@ -61,14 +61,14 @@ def test_config_hash_follows_the_space_and_the_fixed_overrides_not_their_order()
     ({"a": "choice(1, 1)"}, "twice"),
 ])
 def test_bad_search_spaces_are_one_line_errors(params, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(SweeperError, match=message):
         search_space.parse(params, [])
 
 
 def test_grid_needs_finite_values():
     space, _ = search_space.parse({"a": "choice(1,2)", "b": "range(0, 1, step=0.5)", "c": "range(1,4)"}, [])
     assert search_space.grid(space) == {"a": [1, 2], "b": [0.0, 0.5], "c": [1, 2, 3]}
-    with pytest.raises(ConfigError, match="sampler=grid needs a finite set of values for lr"):
+    with pytest.raises(SweeperError, match="sampler=grid needs a finite set of values for lr"):
         search_space.grid(search_space.parse({"lr": "interval(0.1, 1)"}, [])[0])
 
 
@@ -78,19 +78,19 @@ def settings(**changes: object):
 
 def test_every_sampler_pruner_and_direction_builds_and_a_wrong_name_is_one_line():
     space, _ = search_space.parse({"a": "choice(1,2)"}, [])
-    kinds = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "Grid", "gp": "GPSampler"}
+    kinds = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "gp": "GPSampler"}
     for name, cls in kinds.items():
-        assert type(OptunaSweeper(**settings(sampler=name))._sampler(space)).__name__ == cls
+        assert isinstance(OptunaSweeper(**settings(sampler=name))._sampler(space), getattr(optuna.samplers, cls))
     pruners = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
     for name, cls in pruners.items():
         assert type(build_pruner(settings(pruner=name))).__name__ == cls
     assert direction(settings(), "val_bpc") == "minimize" and direction(settings(), "val_accuracy") == "maximize"
     assert direction(settings(direction="maximize"), "val_loss") == "maximize"
-    for bad, match in ((lambda: OptunaSweeper(**settings(sampler="cmaes"))._sampler(space), "sampler=cmaes"),
+    for bad, match in ((lambda: OptunaSweeper(**settings(sampler="bogus"))._sampler(space), "sampler=bogus"),
                        (lambda: build_pruner(settings(pruner="asha")), "pruner=asha"),
                        (lambda: direction(settings(direction="up"), "val_loss"), "direction=up"),
                        (lambda: storage_url(settings(storage="sqlite:///x.db"), "/tmp"), "needs hydra.sweeper.study")):
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises((ConfigError, SweeperError), match=match):
             bad()
     assert storage_url(settings(), "multirun") == f"sqlite:///{Path('multirun').resolve()}/optuna.db"
 
@@ -110,7 +110,7 @@ def sweep_cmd(tmp_path: Path, *extra: str) -> list[str]:
 
 def grid_sweep(tmp_path: Path, space: str, seed: int, n_trials: int, *extra: str) -> list[str]:
     """A grid over `space` in the order that `seed` gives (tests pick one that sets up their case)."""
-    return sweep_cmd(tmp_path, space, "hydra.sweeper.sampler=grid", f"hydra.sweeper.seed={seed}",
+    return sweep_cmd(tmp_path, space, "hydra/sweeper/sampler=grid", f"hydra.sweeper.sampler.seed={seed}",
                      f"hydra.sweeper.n_trials={n_trials}", *extra)
 
 
@@ -134,7 +134,7 @@ def mlflow_runs(tmp_path: Path, trials: list[optuna.trial.FrozenTrial]) -> tuple
     return client, by_trial
 
 
-def study(url: str, name: str = "lesson7") -> optuna.Study:
+def study(url: str, name: str = "optuna") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
 
@@ -254,9 +254,12 @@ def test_too_many_failed_trials_stop_the_sweep_with_one_line(monkeypatch, capsys
     assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL]
 
 
-def test_parallel_trials_in_one_process_are_refused(monkeypatch, capsys, tmp_path: Path):
+def test_parallel_trials_in_one_process_and_unknown_settings_are_refused(monkeypatch, capsys, tmp_path: Path):
     cmd = sweep_cmd(tmp_path, "optim.lr=choice(0.1,0.2)", "hydra.sweeper.n_jobs=2")
     code, err, _ = run_cli(monkeypatch, capsys, tmp_path, cmd[1:])
     assert code == 2 and err[-1] == (
         "lesson7-train: error: hydra.sweeper.n_jobs=2 needs jobs in other processes: add hydra/launcher=joblib "
         "(hydra.launcher.n_jobs > 1), submitit_local or submitit_slurm")
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, [*cmd[1:-1], "+hydra.sweeper.n_trial=50"])
+    assert code == 2 and len(err) == 1 and err[0].startswith(  # a typo is not silently ignored
+        "lesson7-train: error: hydra.sweeper.n_trial is not a setting of hydra/sweeper=optuna: use ")

@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from lesson7_sweeps.sweeps.optuna_sweeper import OWNER
+from hydra_plugins.lesson7_optuna_sweeper.optuna_sweeper import OWNER
 
 from .conftest import run_cli
 from .test_optuna_sweeper import grid_sweep, mlflow_runs, study

@@ -5,7 +5,7 @@ node failure, its time limit hit more often than `max_num_timeout`) makes `launc
 would end the whole sweep. Here it is that trial's failure, in one line; a scancel of every job in
 flight ends the sweep KILLED; and the jobs of a sweeper that died are cancelled by the one that
 resumes its study. (Preemption and time limits need nothing here: the job checkpoints on the
-signal, SLURM or submitit requeues it, and `optuna_trial.run_to_continue` resumes its run.)
+signal, SLURM or submitit requeues it, and the task resumes its own run.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import Future, wait
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from lesson7_sweeps.errors import UserError
+from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
 
 SETTLE_S = 3.0  # after a fresh status poll, the other jobs of one `scancel` end within it (1 s polls)
 
@@ -79,13 +79,10 @@ def with_cancelled_together(done: set[Future], running: dict[Future, object]) ->
     return done | wait([f for f in running if f not in done], timeout=SETTLE_S).done
 
 
-def end_cancelled_sweep(n_trials: int) -> UserError:
-    """End the parent KILLED (not FAILED: nothing went wrong) and say so in one line."""
-    from lesson7_sweeps.sweeps import parent
-
-    reason = f"the sweep was cancelled: the SLURM jobs of its {n_trials} running trials were cancelled (scancel)"
-    parent.finish("KILLED", reason)
-    return UserError(reason)
+def end_cancelled_sweep(n_trials: int) -> SweeperError:
+    """The one line that ends a sweep whose running trials' jobs were all cancelled."""
+    return SweeperError(f"the sweep was cancelled: the SLURM jobs of its {n_trials} running trials were cancelled "
+                        f"(scancel)")
 
 
 def cancel_job(job_id: str | None) -> None:

@@ -1,7 +1,7 @@
 """`hydra/sweeper=optuna`: an ask/tell Optuna sweeper with pruning, failure handling and resume.
 
-    lesson7-train -m hydra/sweeper=optuna hydra/launcher=joblib hydra.sweeper.n_jobs=2 \\
-        'data.bptt=choice(8,16,32)' 'model.n_hidden=range(64,513,step=64)' 'optim.lr=tag(log,interval(1e-4,1e-2))'
+    python my_app.py -m hydra/sweeper=optuna hydra/launcher=joblib hydra.sweeper.n_jobs=2 \\
+        'bptt=choice(8,16,32)' 'n_hidden=range(64,513,step=64)' 'lr=tag(log,interval(1e-4,1e-2))'
 
 No batch barrier: `n_jobs` threads each launch one trial at a time through Hydra's launcher, so a
 slot frees the moment its trial ends and the sampler's next suggestion starts there. Trial N of the
@@ -11,8 +11,9 @@ several sweeping processes sharing one study. Ask and tell stay on the main thre
 Several sweepers may share one study (on several machines). Each owns the trials it launched, by an
 id of its own (`_Owner`), and ends nothing else: another's trials are failed only when that sweeper
 is dead (its lock here, or Optuna's heartbeat elsewhere). A sweeper ends when the study is complete,
-waiting for the others' running trials (whose retries may fall to it), and the last one writes the
-parent's summary. Optuna's state of a trial is the truth; its MLflow run is made to agree.
+waiting for the others' running trials (whose retries may fall to it), and the last one ends the
+study (optimization_results.yaml). Optuna's state of a trial is the truth: an app's sweep callback
+(callback.OptunaSweepCallback, e.g. an experiment tracker's) hears of what it must make agree.
 """
 
 from __future__ import annotations
@@ -39,23 +40,26 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from lesson7_sweeps.errors import ConfigError, UserError
-from lesson7_sweeps.sweeps.optuna_study import (
-    SAMPLERS,
-    build_pruner,
-    check_settings,
-    direction,
-    storage_url,
-    study_name,
-)
-from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID, SLURM_JOB
-from lesson7_sweeps.sweeps.slurm import (
+from hydra_plugins.lesson7_optuna_sweeper import search_space
+from hydra_plugins.lesson7_optuna_sweeper._callback import OptunaSweepCallback
+from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
+from hydra_plugins.lesson7_optuna_sweeper.slurm import (
     cancel_job,
     cancelled,
     end_cancelled_sweep,
     launch_trial,
     with_cancelled_together,
 )
+from hydra_plugins.lesson7_optuna_sweeper.study import (
+    build_pruner,
+    check_settings,
+    directions,
+    exhaustive,
+    sampler_config,
+    storage_url,
+    study_name,
+)
+from hydra_plugins.lesson7_optuna_sweeper.trial import PRUNED_AT, SLURM_JOB
 
 if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this module on every run
     import optuna
@@ -77,6 +81,8 @@ class OptunaSweeper(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+        # the app's sweep callbacks (hydra.callbacks) that follow the study
+        self.hooks = [c for c in hydra_context.callbacks.callbacks if isinstance(c, OptunaSweepCallback)]
 
     # ---- the sweep -------------------------------------------------------------------------------
 
@@ -85,38 +91,39 @@ class OptunaSweeper(Sweeper):
             try:
                 return self._sweep(arguments)
             except _storage_errors() as e:
-                raise UserError(self._outage(e)) from None
-        except UserError as e:  # Hydra would print a traceback and exit 1: one line and exit 2, as the CLI does
-            from lesson7_sweeps.train import PROG
-
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+                raise SweeperError(self._outage(e)) from None
+        except SweeperError as e:  # Hydra would print a traceback and exit 1: one line and exit 2, as argparse does
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
     def _sweep(self, arguments: list[str]) -> list[JobReturn]:
         from optuna.exceptions import ExperimentalWarning
         from optuna.trial import TrialState
 
-        from lesson7_sweeps.sweeps import parent, search_space  # parent: torch, only when a sweep starts
-
         # heartbeats are ours (not optimize()'s), and fail_stale_trials is stable in practice since v2.9
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
         s = self.settings
-        space, fixed = search_space.parse(OmegaConf.to_container(s.params), arguments)
+        space, fixed = search_space.parse(s.params, arguments)
         self._check(space)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        objective = self.hydra_context.config_loader.load_sweep_config(self.config, fixed).objective
-        study = self._open_study(space, fixed, direction(s, objective), storage_url(s, str(sweep_dir)))
-        n_trials = min(s.n_trials, math.prod(map(len, search_space.grid(space).values()))) if s.sampler == "grid" \
-            else s.n_trials
+        default = next((d for d in (h.default_direction(self.config) for h in self.hooks) if d), None)
+        url = storage_url(s, str(sweep_dir))
+        study = self._open_study(space, fixed, directions(s, default), url)
+        n_trials = min(s.n_trials, math.prod(map(len, search_space.grid(space).values()))) \
+            if exhaustive(sampler_config(s)) else s.n_trials
         owner = _Owner()
         _fail_dead(study, owner.id)  # a sweeper of this study that died: its trials, before counting
         self._agree(study)
         complete_before = _count(study) >= n_trials and not _running(study)  # a re-run of an ended study
-        log.info("Optuna study %s (%s %s): %d of %d trials done; %d at once", study.study_name,
-                 study.direction.name.lower(), objective, _count(study), n_trials, s.n_jobs)
+        if complete_before:  # says why nothing runs (the summary is written again)
+            print(f"{os.path.basename(sys.argv[0])}: study {study.study_name} in {_shown(url)} already has "
+                  f"{_count(study)} of n_trials={n_trials} trials done: nothing to run (raise hydra.sweeper.n_trials, "
+                  f"or start another study with a new hydra.sweep.dir or hydra.sweeper.study_name)", file=sys.stderr)
+        log.info("Optuna study %s (%s): %d of %d trials done; %d at once", study.study_name,
+                 ", ".join(d.name.lower() for d in study.directions), _count(study), n_trials, s.n_jobs)
 
         pool = ThreadPoolExecutor(s.n_jobs, thread_name_prefix="trial") if s.n_jobs > 1 else None
         running: dict[Future, optuna.Trial] = {}
@@ -128,7 +135,7 @@ class OptunaSweeper(Sweeper):
                 _fail_dead(study, owner.id)  # another sweeper of this study may have died
                 while not stop and len(running) < s.n_jobs and _count(study) < n_trials:
                     trial = self._ask(study, space, owner, beat)
-                    overrides = fixed + [search_space.to_override(k, v) for k, v in trial.params.items()]
+                    overrides = search_space.job_overrides(s.params, arguments, fixed, trial.params)
                     running[self._start(pool, overrides, trial.number)] = trial
                 if not running:
                     if stop or not _running(study):
@@ -160,7 +167,7 @@ class OptunaSweeper(Sweeper):
             left = self._abandon(study, list(beat.trials.values()))
             try:
                 if not left and _running(study):
-                    parent.hand_over(f"other sweepers of study {study.study_name} still run trials")
+                    self._hand_over(f"other sweepers of study {study.study_name} still run trials")
             except _storage_errors():  # the database is away: nobody else can end the study either
                 pass
             raise
@@ -169,19 +176,27 @@ class OptunaSweeper(Sweeper):
             owner.release(keep=left)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        # the parent is ended once, by the last sweeper of the study (the claim settles a tie)
+        # the study is ended once, by the last sweeper of the study (the claim settles a tie)
+        key = f"ended_by.trials_{len(study.trials)}"
         if stop and _running(study):
-            parent.hand_over(f"other sweepers of study {study.study_name} still run trials")
-        elif complete_before or parent.claim_end(f"ended_by.trials_{len(study.trials)}", owner.id):
+            self._hand_over(f"other sweepers of study {study.study_name} still run trials")
+        elif complete_before or all([h.claim_study_end(key, owner.id) for h in self.hooks]):
             self._report(study, sweep_dir)
         else:
-            parent.hand_over(f"another sweeper of study {study.study_name} ends it")
+            self._hand_over(f"another sweeper of study {study.study_name} ends it")
         if n_cancelled:
-            raise end_cancelled_sweep(n_cancelled)
+            error = end_cancelled_sweep(n_cancelled)
+            for h in self.hooks:
+                h.on_sweep_cancelled(str(error))
+            raise error
         if stop:
-            raise UserError(f"the sweep stopped: {n_failed} trials failed, more than hydra.sweeper.max_failure_rate="
-                            f"{s.max_failure_rate} of n_trials={n_trials}; see the failed runs' failure_reason tag")
-        return returns
+            raise SweeperError(f"the sweep stopped: {n_failed} trials failed, more than hydra.sweeper.max_failure_rate="
+                               f"{s.max_failure_rate} of n_trials={n_trials}; see each failed trial's log")
+        return [returns]  # one batch, as Hydra's sweepers return them (no batch barrier here)
+
+    def _hand_over(self, why: str) -> None:
+        for h in self.hooks:
+            h.on_hand_over(why)
 
     def _ask(self, study: optuna.Study, space: dict[str, Any], owner: _Owner, beat: _Heartbeat) -> optuna.Trial:
         """A new trial of ours, owned and beating before its parameters are drawn: a study record the
@@ -191,7 +206,8 @@ class OptunaSweeper(Sweeper):
         trial = study.ask()  # study.ask(space) would lose the new trial's id if a parameter is refused
         trial.set_user_attr(OWNER, owner.id)
         trial.set_user_attr(OWNER_HOST, socket.gethostname())
-        trial.set_user_attr(RUN_ID, None)  # not a retry's copy of the failed trial's: a run of its own
+        for key in [k for k in trial.user_attrs if k not in (OWNER, OWNER_HOST)]:
+            trial.set_user_attr(key, None)  # not a retry's copy of the failed trial's (its run, its SLURM job)
         beat.add(trial)  # first: an in-process trial interrupted at its start is ours to fail
         try:
             for name, distribution in space.items():
@@ -199,19 +215,33 @@ class OptunaSweeper(Sweeper):
         except ValueError as e:
             beat.remove(trial)
             study.tell(trial, state=TrialState.FAIL)
-            raise UserError(f"study {study.study_name} holds a trial record this sweep's search space does not fit "
-                            f"({e}): a tampered or foreign record; start a new study with "
-                            f"hydra.sweeper.study_name=NEW") from None
+            raise SweeperError(f"study {study.study_name} holds a trial record this sweep's search space does not "
+                               f"fit ({e}): a tampered or foreign record; start a new study with "
+                               f"hydra.sweeper.study_name=NEW") from None
+        if self.settings.custom_search_space is not None:
+            self._custom(trial, beat, study)
         return trial
+
+    def _custom(self, trial: optuna.Trial, beat: _Heartbeat, study: optuna.Study) -> None:
+        """hydra.sweeper.custom_search_space: `f(cfg, trial)` suggests more parameters (named as overrides)."""
+        from hydra.utils import get_method
+        from optuna.trial import TrialState
+
+        path = str(self.settings.custom_search_space)
+        try:
+            get_method(path)(self.config, trial)
+        except Exception as e:
+            beat.remove(trial)
+            study.tell(trial, state=TrialState.FAIL)
+            raise SweeperError(f"hydra.sweeper.custom_search_space={path} failed: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
     def _outage(self, e: BaseException) -> str:
         """One line for a storage that went away: what failed, and that the study resumes."""
-        from sqlalchemy.engine import make_url
-
         url = storage_url(self.settings, str(self.config.hydra.sweep.dir))
-        shown = make_url(url).render_as_string(hide_password=True)
         cause = e.__cause__ or e.__context__ or e
-        return (f"the Optuna storage {shown} failed ({str(getattr(cause, 'orig', cause)).strip().splitlines()[0]}): "
+        why = str(getattr(cause, "orig", cause)).strip().splitlines()[0]
+        return (f"the Optuna storage {_shown(url)} failed ({why}): "
                 f"the study keeps every trial it was told; once the database is back, run the same command "
                 f"to resume it")
 
@@ -231,20 +261,28 @@ class OptunaSweeper(Sweeper):
         return fut
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> TrialState:
-        """COMPLETE with the job's value, PRUNED when the job stopped on the pruner's word, FAIL
-        when it raised or returned a non-finite value (the task returns +inf for a failed trial)."""
+        """COMPLETE with the job's value(s), PRUNED when the job stopped on the pruner's word, FAIL
+        when it raised or returned no finite number (a task may return +inf for a failed trial)."""
+        import optuna
         from optuna.trial import TrialState
 
-        if ret.status != JobStatus.COMPLETED:
-            log.error("trial %d failed: %s", trial.number, ret._return_value)
-            state, value = TrialState.FAIL, None
-        elif PRUNED_AT in study._storage.get_trial_user_attrs(trial._trial_id):  # set by the job: not cached
-            state, value = TrialState.PRUNED, None
-        elif isinstance(ret.return_value, (int, float)) and math.isfinite(ret.return_value):
-            state, value = TrialState.COMPLETE, float(ret.return_value)
+        values = None
+        if ret.status != JobStatus.COMPLETED and isinstance(ret._return_value, optuna.TrialPruned):
+            state = TrialState.PRUNED
+        elif ret.status != JobStatus.COMPLETED:
+            e = ret._return_value
+            log.error("trial %d failed: %s: %s", trial.number, type(e).__name__, e)
+            state = TrialState.FAIL
+        elif study._storage.get_trial_user_attrs(trial._trial_id).get(PRUNED_AT) is not None:  # the job's: not cached
+            state = TrialState.PRUNED
         else:
-            state, value = TrialState.FAIL, None
-        told = study.tell(trial, value, state=state, skip_if_finished=True)
+            values = _values(ret.return_value, len(study.directions))
+            state = TrialState.FAIL if values is None else TrialState.COMPLETE
+            if values is None:
+                log.error("trial %d failed: it returned %.200r, not %s", trial.number, ret.return_value,
+                          "a finite number" if len(study.directions) == 1 else
+                          f"{len(study.directions)} finite numbers (one per direction)")
+        told = study.tell(trial, values, state=state, skip_if_finished=True)
         if told.state != state:  # another sweeper ended it (its heartbeat looked stale): that stands
             log.warning("trial %d was already ended %s by another sweeper; its result is dropped", trial.number,
                         told.state.name)
@@ -275,12 +313,10 @@ class OptunaSweeper(Sweeper):
 
     # ---- the study -------------------------------------------------------------------------------
 
-    def _open_study(self, space: dict[str, Any], fixed: list[str], direction: str, url: str) -> optuna.Study:
+    def _open_study(self, space: dict[str, Any], fixed: list[str], direction: list[str], url: str) -> optuna.Study:
         """Create the study, or load it (resume) if its stored config hash matches this sweep's.
         Trials left RUNNING by a dead sweeper are failed (and retried once)."""
         import optuna
-
-        from lesson7_sweeps.sweeps import search_space
 
         s = self.settings
         name, digest = study_name(s), search_space.config_hash(space, fixed)
@@ -294,26 +330,27 @@ class OptunaSweeper(Sweeper):
             stored = None
         if stored is not None and stored.user_attrs.get("config_hash") != digest:
             if not s.new_study:
-                raise ConfigError(
-                    f"study {name} in {url} has another search space or fixed overrides (config hash "
+                raise SweeperError(
+                    f"study {name} in {_shown(url)} has another search space or fixed overrides (config hash "
                     f"{stored.user_attrs.get('config_hash')} != {digest}): run the same command to resume it, "
                     f"or start a new study with hydra.sweeper.study_name=NEW or hydra.sweeper.new_study=true")
             log.warning("hydra.sweeper.new_study=true: deleting study %s (%d trials) in %s", name,
                         len(stored.trials), url)
             optuna.delete_study(study_name=name, storage=storage)
             stored = None
-        if stored is not None and stored.direction.name.lower() != direction:
-            raise ConfigError(f"study {name} {stored.direction.name.lower()}s its objective, this sweep would "
-                              f"{direction} it: set hydra.sweeper.direction or use another study_name")
+        stored_directions = [d.name.lower() for d in stored.directions] if stored is not None else direction
+        if stored_directions != direction:
+            raise SweeperError(f"study {name} has direction {stored_directions}, this sweep {direction}: set "
+                               f"hydra.sweeper.direction to match, or use another study_name")
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=build_pruner(s),
-                                    direction=direction, load_if_exists=True)
+                                    directions=direction, load_if_exists=True)
         study.set_user_attr("config_hash", digest)
         study.set_user_attr("search_space", {k: str(d) for k, d in space.items()})
         study.set_user_attr("fixed_overrides", fixed)
         return study
 
     def _dead(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str = "its sweeper died") -> None:
-        """A trial whose process died (now FAIL in Optuna): FAILED in MLflow too, and retried once."""
+        """A trial whose process died (now FAIL in Optuna): the callbacks hear of it; retried once."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         cancel_job(trial.user_attrs.get(SLURM_JOB))  # its job would train on for nobody
@@ -323,51 +360,89 @@ class OptunaSweeper(Sweeper):
 
     def _agree(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None,
                why: str = "FAIL in the Optuna study (its result was never told)") -> None:
-        """Optuna's state of a trial is the truth: the MLflow runs of FAIL trials (all, or `trials`)
-        that are RUNNING or FINISHED (their sweeper died or lost the database before telling) end FAILED."""
+        """Optuna's state of a trial is the truth: the callbacks hear of FAIL trials (all, or those
+        of `trials`), whose records elsewhere may say RUNNING or FINISHED (their sweeper died or lost
+        the database before telling)."""
         from optuna.trial import TrialState
-
-        from lesson7_sweeps.sweeps import parent
-        from lesson7_sweeps.tracking import fail_runs
 
         if trials is None:
             trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         failed = [t for t in trials if t.state == TrialState.FAIL]
-        run_ids = [t.user_attrs[RUN_ID] for t in failed if t.user_attrs.get(RUN_ID)]
-        # a job killed between starting its run and recording it on the trial: found by its tags
-        run_ids += parent.trial_runs([t.number for t in failed if not t.user_attrs.get(RUN_ID)])
-        if run_ids and "uri" in self.config.tracking:
-            fail_runs(self.config.tracking.uri, run_ids, why)
+        if failed:
+            for h in self.hooks:
+                h.on_trials_failed(study, failed, why)
 
     def _sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
-        s = self.settings
-        import optuna
+        """The sampler of hydra/sweeper/sampler=NAME (or the shorthand); grid and brute force are
+        told not to stop the study (Study.stop() is for optimize()): the sweep stops at their size."""
+        from hydra.errors import InstantiationException
+        from hydra.utils import instantiate
 
-        from lesson7_sweeps.sweeps import search_space
-
-        if s.sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=s.seed)
-        if s.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=s.seed)
-        if s.sampler == "grid":
-            class Grid(optuna.samplers.GridSampler):
-                def after_trial(self, *args: Any) -> None:
-                    pass  # it would call Study.stop(), for optimize() only; the sweep stops at the grid's size
-
-            return Grid(search_space.grid(space), seed=s.seed)
-        if s.sampler == "gp":
-            return optuna.samplers.GPSampler(seed=s.seed)
-        raise ConfigError(f"hydra.sweeper.sampler={s.sampler} is invalid: use {', '.join(SAMPLERS)}")
+        conf = sampler_config(self.settings)
+        try:
+            return _exhaustive(conf, space) if exhaustive(conf) else instantiate(conf)
+        except (TypeError, ValueError, InstantiationException) as e:  # a wrong argument: several lines from Hydra
+            cause = e.__cause__ or e
+            raise SweeperError(f"hydra.sweeper.sampler ({conf._target_}): {str(cause).strip().splitlines()[-1]}; "
+                               f"see the sampler's arguments in Optuna's documentation") from None
 
     def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
-        """Importances and history plots onto the sweep's parent run, when there is one."""
-        from lesson7_sweeps.sweeps import parent
-        from lesson7_sweeps.sweeps.optuna_report import write_report
+        """The best trial (or the Pareto front) in optimization_results.yaml, as the published plugin
+        writes it; then the callbacks' own report."""
+        from optuna.trial import TrialState
 
-        run = parent.current()
-        if run is not None:
-            for path in write_report(study, sweep_dir / "optuna"):
-                run.log_artifact(path, "optuna")
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if len(study.directions) == 1:
+                best = study.best_trial
+                results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+                log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
+            else:
+                results = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values}
+                                                           for t in study.best_trials]}
+                log.info("%d trials on the Pareto front: %s", len(study.best_trials),
+                         ", ".join(str(t.number) for t in study.best_trials))
+            OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+        for h in self.hooks:
+            h.on_study_end(study, sweep_dir)
+
+
+def _values(value: Any, n: int) -> list[float] | None:
+    """A job's return value as n finite floats: a number (numpy's too, or a 0-d array) for one
+    direction, a sequence of n numbers for several; None if it is not."""
+    import numpy as np  # Optuna's dependency
+
+    if isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        array = np.asarray(value, dtype=float)
+    except Exception:  # not numbers
+        return None
+    if array.shape != (() if n == 1 else (n,)) or not np.isfinite(array).all():
+        return None
+    return [float(v) for v in array.reshape(-1)]
+
+
+def _shown(url: str) -> str:
+    """A storage URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _exhaustive(conf: DictConfig, space: dict[str, Any]) -> Any:
+    """Optuna's grid or brute-force sampler, without its Study.stop() when the space is done (for
+    optimize() only, an error here): the sweep stops at the space's size."""
+    import optuna
+
+    grid = conf._target_.endswith("GridSampler")
+    base = optuna.samplers.GridSampler if grid else optuna.samplers.BruteForceSampler
+
+    class Exhaustive(base):  # type: ignore[misc, valid-type]
+        def after_trial(self, *args: Any) -> None:
+            pass
+
+    args = {k: v for k, v in conf.items() if k not in ("_target_", "_partial_")}
+    return Exhaustive(search_space.grid(space), **args) if grid else Exhaustive(**args)
 
 
 def _count(study: optuna.Study) -> int:
@@ -436,7 +511,7 @@ class _Owner:
 
     @staticmethod
     def folder() -> Path:
-        path = Path(tempfile.gettempdir()) / "lesson7-sweepers"
+        path = Path(tempfile.gettempdir()) / "optuna-sweepers"
         if not path.is_dir():
             path.mkdir(exist_ok=True)
             path.chmod(0o1777)  # every user's sweepers, as in /tmp
