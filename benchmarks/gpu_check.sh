@@ -74,6 +74,9 @@ part lstm 45 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps -
 # 2. the compiled LSTM step (loop cell, CUDA graphs per length bucket) vs the plain loop; loss equality
 part lstm_compiled 75 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps --repeats $repeats \
   --text "$text" "${lstm_ov[@]}" --compile reduce-overhead --json "$OUT/lstm_compiled.json"
+# 2b. the whole LSTM step (eager loop cell, fused Adam) captured with torch.cuda.graph per length bucket
+part lstm_graphed 45 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps --repeats $repeats \
+  --text "$text" "${lstm_ov[@]}" --cuda-graph --json "$OUT/lstm_graphed.json"
 # 3. Resnet2: runner (GPU-resident data, bf16, channels_last) vs a torchvision DataLoader loop; img/s
 #    (its first run decodes the JPEGs into /tmp/l7cache, which the later parts reuse)
 part cifar 90 $py benchmarks/bench_cifar.py --device $device --steps $cifar_steps --repeats $repeats \

@@ -169,8 +169,9 @@ def _row(d: dict) -> tuple[str, str]:
     if "skipped" in d or "failed" in d:
         return part, f"**{'skipped: ' + d['skipped'] if 'skipped' in d else 'failed: ' + str(d['failed'])}**"
     if "ratio" in d:
-        extra = f"; compiled vs eager train_loss max diff {d['max_loss_diff']:.1e}" if "max_loss_diff" in d else ""
-        return (f"{d['bench']} (compile {d['compile']})", f"runner {d['runner']:,.0f} {d['unit']}, plain "
+        extra = f"; vs eager: train_loss max diff {d['max_loss_diff']:.1e}" if "max_loss_diff" in d else ""
+        graph = ", cuda_graph" if d.get("cuda_graph") else ""
+        return (f"{d['bench']} (compile {d['compile']}{graph})", f"runner {d['runner']:,.0f} {d['unit']}, plain "
                 f"{d['plain']:,.0f}, ratio {d['ratio']:.3f} ({d['steps']} steps){extra}")
     if "time_to_target_s" in d:
         reached = "not reached" if d["time_to_target_s"] is None else f"{d['time_to_target_s']:.1f} s"
