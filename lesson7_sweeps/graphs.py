@@ -45,17 +45,23 @@ def copy_state(static: Tensor | tuple, state: Tensor | tuple | None) -> None:
 
 
 @contextmanager
-def lr_tensors(optimizer: Optimizer, lrs: list[Tensor]) -> Iterator[None]:
-    """Each param group's lr as its 0-d tensor (which the fused kernels read at replay time) while
-    inside; the floats the schedule sets are put back after."""
-    floats = [g["lr"] for g in optimizer.param_groups]
+def lr_tensors(optimizer: Optimizer, lrs: list[Tensor], capturable: bool) -> Iterator[None]:
+    """While inside, each param group's lr is its 0-d tensor (the fused kernels read it when they
+    run: a replay reads the value filled in before it) and, with `capturable`, Adam's capturable
+    flag is on (step() checks it under capture). The schedule's floats and the flags are put back
+    after: only a capture (or the CPU's call) reads them."""
+    saved = [dict(g) for g in optimizer.param_groups]
     for g, t in zip(optimizer.param_groups, lrs):
         g["lr"] = t
+        if capturable and "capturable" in g:  # SGD has no such flag
+            g["capturable"] = True
     try:
         yield
     finally:
-        for g, lr in zip(optimizer.param_groups, floats):
-            g["lr"] = lr
+        for g, old in zip(optimizer.param_groups, saved):
+            g["lr"] = old["lr"]
+            if "capturable" in g:
+                g["capturable"] = old["capturable"]
 
 
 @contextmanager
@@ -141,10 +147,12 @@ def reset_optimizer(optimizer: Optimizer, captured: bool) -> None:
 
 
 class GraphedStep:
-    """train_step for trainer.cuda_graph: one Graph per padded batch shape, captured on first use."""
+    """train_step for trainer.cuda_graph: one Graph per padded batch shape, captured on first use
+    (`capture`: on CUDA; otherwise the same step runs uncaptured, as on the CPU)."""
 
-    def __init__(self, width: int | None) -> None:
+    def __init__(self, width: int | None, capture: bool) -> None:
         self.width = width  # fast.bucket's width, or None: one graph per length (cuDNN cells)
+        self.capture = capture
         self.graphs: dict[tuple, Graph] = {}
         self.lrs: list[Tensor] = []
 
@@ -155,10 +163,6 @@ class GraphedStep:
             x, y, steps = fast.pad_section(x, y, fast.bucket(x.size(0), self.width))
         if not self.lrs:
             self.lrs = [torch.zeros((), device=x.device) for _ in optimizer.param_groups]
-            if x.is_cuda:  # fused Adam checks it under capture; SGD has no such flag
-                for g in optimizer.param_groups:
-                    if "capturable" in g:
-                        g["capturable"] = True
         for t, g in zip(self.lrs, optimizer.param_groups):
             t.fill_(g["lr"])  # a fill kernel with the value as its argument: no wait
         graph = self.graphs.get((*x.shape, y.numel()))
@@ -166,18 +170,19 @@ class GraphedStep:
         if new:
             graph = self.graphs[(*x.shape, y.numel())] = Graph(model, x, y, steps)
         graph.copy_in(model, x, y, steps)
-        with lr_tensors(optimizer, self.lrs):
-            if not x.is_cuda:  # the CPU's 'graph': the warm-up, undone, then the update itself
+        if self.capture:
+            if new:
+                with lr_tensors(optimizer, self.lrs, capturable=True):
+                    graph.capture(model, optimizer, update)
+            graph.cuda.replay()
+            loss, h = graph.out
+        else:  # the CPU's 'graph': the warm-up, undone, then the same update on the same buffers
+            with lr_tensors(optimizer, self.lrs, capturable=False):
                 if new:
                     with undone(model, optimizer):
                         for _ in range(WARMUP):
                             graph.run(model, update)
                 loss, h = graph.run(model, update)
-            else:
-                if new:
-                    graph.capture(model, optimizer, update)
-                graph.cuda.replay()
-                loss, h = graph.out
         if h is not None:
             model.h = _clone(h)  # the next replay overwrites the graph's own
         return loss.clone()

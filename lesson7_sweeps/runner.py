@@ -82,7 +82,7 @@ class Step:
     def choose(cls, tc: DictConfig, model: nn.Module) -> Step:
         mode = compile_mode(tc.compile)
         width = fast.bucket_width(model, mode != "off" or tc.cuda_graph, tc.bptt_bucket)
-        graphed = graphs.GraphedStep(width) if tc.cuda_graph else None
+        graphed = graphs.GraphedStep(width, capture=_device(model).type == "cuda") if tc.cuda_graph else None
         return cls(fast.loss_function(mode, bucketed=width is not None), width, graphed)
 
 
