@@ -119,15 +119,21 @@ class Graph:
         loss = update(self.x, self.y, self.steps)
         return loss, getattr(model, "h", None)
 
+    def warm_up(self, model: nn.Module, optimizer: Optimizer, update: Update) -> None:
+        """Steps on the buffers that train nothing (undone): they make the optimizer's lazy state
+        and the libraries' handles, which a capture must find made."""
+        with undone(model, optimizer):
+            for _ in range(WARMUP):
+                self.run(model, update)
+
     def capture(self, model: nn.Module, optimizer: Optimizer, update: Update) -> None:
-        """Warm-up (undone) on a side stream, then the capture; the batch is in the buffers already.
-        A capture runs nothing: the caller replays."""
+        """The warm-up on a side stream (as PyTorch asks), then the capture; the batch is in the
+        buffers already. A capture runs nothing: the caller replays."""
         device = self.x.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), undone(model, optimizer):
-            for _ in range(WARMUP):
-                self.run(model, update)
+        with torch.cuda.stream(stream):
+            self.warm_up(model, optimizer, update)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.cuda = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.cuda):  # the update sets grads to None first: the graph's own, from its pool
@@ -179,9 +185,7 @@ class GraphedStep:
         else:  # the CPU's 'graph': the warm-up, undone, then the same update on the same buffers
             with lr_tensors(optimizer, self.lrs, capturable=False):
                 if new:
-                    with undone(model, optimizer):
-                        for _ in range(WARMUP):
-                            graph.run(model, update)
+                    graph.warm_up(model, optimizer, update)
                 loss, h = graph.run(model, update)
         if h is not None:
             model.h = _clone(h)  # the next replay overwrites the graph's own
