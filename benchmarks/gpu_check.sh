@@ -28,6 +28,9 @@ if [ $rehearse = 1 ]; then
   $py benchmarks/gpu_parts.py tiny-data "$data"
   text=$data/text.txt; cifar=$data/cifar
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gpu_check_inductor}  # parts share compiled graphs
+  # a part timed out while compiling leaves an empty .so there, which every later run would load
+  # (older than 2 minutes: not one that another run is writing now)
+  find "$TORCHINDUCTOR_CACHE_DIR" -name '*.so' -size 0 -mmin +2 -delete 2>/dev/null
   # tiny sizes: a small LSTM and Resnet2, a few steps; every preset's own settings otherwise
   lstm_small=(model.n_hidden=32 model.n_layers=1 data.bs=8 data.bptt=8 data.random_bptt=false
               data.valid_from_line=null)
