@@ -34,11 +34,14 @@ if [ $rehearse = 1 ]; then
   $py benchmarks/gpu_parts.py tiny-data "$data"
   text=$data/text.txt; cifar=$data/cifar
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gpu_check_inductor}  # parts share compiled graphs
+  # a part timed out while compiling leaves an empty .so there, which every later run would load
+  # (older than 2 minutes: not one that another run is writing now)
+  find "$TORCHINDUCTOR_CACHE_DIR" -name '*.so' -size 0 -mmin +2 -delete 2>/dev/null
   # tiny sizes: a small LSTM and Resnet2, a few steps; every preset's own settings otherwise
   lstm_small=(model.n_hidden=32 model.n_layers=1 data.bs=8 data.bptt=8 data.random_bptt=false
               data.valid_from_line=null)
   cifar_small=(model.layers=[4,8] data.bs=16)
-  lstm_steps=4; cifar_steps=2; repeats=1; lstm_fast=(trainer.epochs=2 "${lstm_small[@]}")
+  lstm_steps=4; graph_steps=20; cifar_steps=2; repeats=1; lstm_fast=(trainer.epochs=2 "${lstm_small[@]}")
   # the replay's own graphs would cost another ~35 s of C++ compiling here: it rehearses eager
   resnet_fast=(trainer.epochs=2 "${cifar_small[@]}"); replay=(trainer.epochs=2 trainer.compile=off "${cifar_small[@]}")
   det=(experiment=lesson6_lstm "${lstm_small[@]}" trainer.epochs=1 trainer.max_steps=20)
@@ -49,7 +52,7 @@ else
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   text=.device-data/nietzsche.txt; cifar=.device-data/cifar10-jpg.tar.gz
-  lstm_small=(); cifar_small=(); lstm_steps=800; cifar_steps=150; repeats=3; lstm_fast=(); resnet_fast=(); replay=()
+  lstm_small=(); cifar_small=(); lstm_steps=800; graph_steps=400; cifar_steps=150; repeats=3; lstm_fast=(); resnet_fast=(); replay=()
   det=(experiment=lesson6_lstm trainer.epochs=1 trainer.max_steps=300)
   trials=4; sweep_small=(trainer.epochs=2)
 fi
@@ -80,6 +83,10 @@ part lstm 45 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps -
 # 2. the compiled LSTM step (loop cell, CUDA graphs per length bucket) vs the plain loop; loss equality
 part lstm_compiled 75 $py benchmarks/bench_lstm.py --device $device --steps $lstm_steps --repeats $repeats \
   --text "$text" "${lstm_ov[@]}" --compile reduce-overhead --json "$OUT/lstm_compiled.json"
+# 2b. trainer.cuda_graph: the whole LSTM step (loop cell, fused Adam) captured per length bucket, vs the
+#     same step uncaptured and the eager step: chars/s, loss differences (lr 1e-2: see the drift section)
+part lstm_graphed 40 $py benchmarks/gpu_parts.py graphed "$OUT" $graph_steps experiment=lesson6_lstm \
+  "${text_data[@]}" trainer.device=$device "${lstm_small[@]}" data.random_bptt=true
 # 3. Resnet2: runner (GPU-resident data, bf16, channels_last) vs a torchvision DataLoader loop; img/s
 #    (its first run decodes the JPEGs into /tmp/l7cache, which the later parts reuse)
 part cifar 90 $py benchmarks/bench_cifar.py --device $device --steps $cifar_steps --repeats $repeats \

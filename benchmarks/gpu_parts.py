@@ -5,6 +5,7 @@ plus the wheelhouse (hydra-core, omegaconf, mlflow, optuna).
 
     python benchmarks/gpu_parts.py curve OUT NAME TARGET_METRIC TARGET OVERRIDE...
     python benchmarks/gpu_parts.py sync OUT OVERRIDE...
+    python benchmarks/gpu_parts.py graphed OUT STEPS OVERRIDE...
     python benchmarks/gpu_parts.py determinism OUT OVERRIDE...
     python benchmarks/gpu_parts.py parallel OUT N_TRIALS N_JOBS OVERRIDE...
 
@@ -125,6 +126,59 @@ def sync(out: Path, overrides: list[str]) -> dict:
             **{k: v for k, v in metrics.items() if k.startswith("val_")}}
 
 
+def graphed(out: Path, steps: int, overrides: list[str]) -> dict:
+    """trainer.cuda_graph on the device: the same seed's `steps` training steps through
+    runner.train_step three ways: the eager step (no padding, the default optimizer), the
+    cuda_graph step uncaptured (padded buckets, fused Adam: the same kernels) and captured.
+    Characters per second of each (captures included), and the largest per-step loss difference
+    of the captured step from the uncaptured one (the capture itself: ~0) and from eager (rounding,
+    grown by training: see BENCHMARKS.md's drift section)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lesson7_sweeps import graphs, runner
+    from lesson7_sweeps.optim import build_optimizer
+    from lesson7_sweeps.train import CONF_DIR, pick_device
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["tracking=none", "model.cell=loop", "model.dropout=0.0", *overrides])
+    device = pick_device(cfg.trainer.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    result: dict = {"part": "lstm_graphed", "device": str(device), "steps": steps}
+    losses = {}
+    for side in ("eager", "uncaptured", "captured"):
+        tc = cfg.trainer.copy()
+        tc.cuda_graph = side != "eager"
+        torch.manual_seed(cfg.seed)
+        data = instantiate(cfg.data, device=device, seed=cfg.seed)
+        model = instantiate(cfg.model, **data.model_args()).to(device)
+        optimizer = build_optimizer(cfg.optim, model, fused=tc.cuda_graph)
+        runner.set_lr(optimizer, 1.0)
+        how = runner.Step.choose(tc, model)
+        if side == "uncaptured":
+            how.graphed = graphs.GraphedStep(how.graphed.width, capture=False)
+        prec = runner.Precision.choose(tc, device, False)
+        out, chars = [], 0
+        sync()
+        started = time.perf_counter()
+        for x, y in data.train:
+            out.append(runner.train_step(model, optimizer, x, y, tc, prec, how))
+            chars += y.numel()
+            if len(out) == steps:
+                break
+        sync()
+        result[f"{side}_chars_per_s"] = chars / (time.perf_counter() - started)
+        losses[side] = torch.stack(out).tolist()
+        if side == "captured":
+            result["graphs"] = len(how.graphed.graphs)
+            result["captured_on_device"] = how.graphed.capture  # False on the CPU: the same step, uncaptured
+    for ref in ("uncaptured", "eager"):
+        result[f"max_loss_diff_vs_{ref}"] = max(abs(a - b) for a, b in zip(losses["captured"], losses[ref]))
+    result["speedup_vs_eager"] = result["captured_chars_per_s"] / result["eager_chars_per_s"]
+    return result
+
+
 def determinism(out: Path, overrides: list[str]) -> dict:
     """The same config twice in this process with trainer.deterministic=true: the largest difference
     of any metric, and of the train_loss logged at every step."""
@@ -169,14 +223,20 @@ def _row(d: dict) -> tuple[str, str]:
     if "skipped" in d or "failed" in d:
         return part, f"**{'skipped: ' + d['skipped'] if 'skipped' in d else 'failed: ' + str(d['failed'])}**"
     if "ratio" in d:
-        extra = f"; compiled vs eager train_loss max diff {d['max_loss_diff']:.1e}" if "max_loss_diff" in d else ""
-        return (f"{d['bench']} (compile {d['compile']})", f"runner {d['runner']:,.0f} {d['unit']}, plain "
+        extra = f"; vs eager: train_loss max diff {d['max_loss_diff']:.1e}" if "max_loss_diff" in d else ""
+        graph = ", cuda_graph" if d.get("cuda_graph") else ""
+        return (f"{d['bench']} (compile {d['compile']}{graph})", f"runner {d['runner']:,.0f} {d['unit']}, plain "
                 f"{d['plain']:,.0f}, ratio {d['ratio']:.3f} ({d['steps']} steps){extra}")
     if "time_to_target_s" in d:
         reached = "not reached" if d["time_to_target_s"] is None else f"{d['time_to_target_s']:.1f} s"
         return part, (f"{d['metric']} {d['final']} after {len(d['epochs'])} epochs "
                       f"({d['epochs'][-1]['train_time'] if d['epochs'] else 0:.1f} s of training); "
                       f"target {d['target']}: {reached}; rc {d['rc']}")
+    if part == "lstm_graphed":
+        return part, (f"{d['steps']} steps, {d['graphs']} graphs: captured {d['captured_chars_per_s']:,.0f} chars/s, "
+                      f"uncaptured {d['uncaptured_chars_per_s']:,.0f}, eager {d['eager_chars_per_s']:,.0f} "
+                      f"(x{d['speedup_vs_eager']:.2f}); loss max diff vs uncaptured "
+                      f"{d['max_loss_diff_vs_uncaptured']:.1e}, vs eager {d['max_loss_diff_vs_eager']:.1e}")
     if part == "sync":
         return part, f"set_sync_debug_mode {d['sync_debug_mode']}: syncs in the epoch: {d['syncs_in_epoch']}"
     if part == "determinism":
@@ -243,6 +303,8 @@ def main() -> int:
         result = curve(out, name, metric, float(target), _time_left(), overrides)
     elif cmd == "sync":
         result = sync(out, args[1:])
+    elif cmd == "graphed":
+        result = graphed(out, int(args[1]), args[2:])
     elif cmd == "determinism":
         result = determinism(out, args[1:])
     elif cmd == "parallel":

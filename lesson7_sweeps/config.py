@@ -299,6 +299,7 @@ class TrainerConfig:
     channels_last: str = MISSING
     compile: str = MISSING  # off or a torch.compile mode; true/false of older configs read "True"/"False"
     bptt_bucket: int = MISSING
+    cuda_graph: bool = MISSING
     log_every: int = MISSING
     progress: str = MISSING
     checkpoints: bool = MISSING
@@ -322,6 +323,8 @@ class TrainerConfig:
                "use auto, on or off")
         _check(compile_mode(self.compile) in COMPILE_MODES, "trainer.compile", self.compile,
                f"use one of {'|'.join(COMPILE_MODES)}")
+        _check(not self.cuda_graph or compile_mode(self.compile) == "off", "trainer.cuda_graph", self.cuda_graph,
+               "needs trainer.compile=off (torch.compile's reduce-overhead mode captures CUDA graphs itself)")
         _check(self.bptt_bucket >= 1, "trainer.bptt_bucket", self.bptt_bucket, "must be >= 1 step")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")

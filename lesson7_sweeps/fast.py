@@ -41,10 +41,11 @@ def model_loss(model: nn.Module, x: Tensor, y: Tensor, steps: Tensor | None, lab
     return F.cross_entropy(out, y, label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
-def bucket_width(model: nn.Module, mode: str, width: int) -> int | None:
-    """How a compiled step pads text sections: to multiples of `width` when the model's recurrence
-    can hold its state over padded steps (loop cells: `model.pads`), else not at all (None)."""
-    return width if mode != "off" and getattr(model, "pads", False) else None
+def bucket_width(model: nn.Module, shaped: bool, width: int) -> int | None:
+    """How a step whose graphs are specialised to shapes (`shaped`: compiled or captured) pads text
+    sections: to multiples of `width` when the model's recurrence can hold its state over padded
+    steps (loop cells: `model.pads`), else not at all (None)."""
+    return width if shaped and getattr(model, "pads", False) else None
 
 
 def loss_function(mode: str, bucketed: bool) -> LossFn:

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from lesson7_sweeps import checkpoint as ckpt
-from lesson7_sweeps import fast
+from lesson7_sweeps import fast, graphs
 from lesson7_sweeps.config import compile_mode
 from lesson7_sweeps.models.rnn import generate
 from lesson7_sweeps.schedules import Schedule
@@ -70,33 +70,42 @@ class Precision:
 
 @dataclass
 class Step:
-    """How train_step runs: the forward + loss (eager or compiled), and the bucket width that a
-    compiled text step pads its sections to (None: no padding). fast.py says why losses are unchanged."""
+    """How train_step runs: the forward + loss (eager or compiled), the bucket width that a
+    compiled text step pads its sections to (None: no padding), and with trainer.cuda_graph the
+    whole step captured per bucket (graphs.py). fast.py says why losses are unchanged."""
 
     loss: fast.LossFn
     width: int | None
+    graphed: graphs.GraphedStep | None
 
     @classmethod
     def choose(cls, tc: DictConfig, model: nn.Module) -> Step:
         mode = compile_mode(tc.compile)
-        width = fast.bucket_width(model, mode, tc.bptt_bucket)
-        return cls(fast.loss_function(mode, bucketed=width is not None), width)
+        width = fast.bucket_width(model, mode != "off" or tc.cuda_graph, tc.bptt_bucket)
+        graphed = graphs.GraphedStep(width, capture=_device(model).type == "cuda") if tc.cuda_graph else None
+        return cls(fast.loss_function(mode, bucketed=width is not None), width, graphed)
 
 
 def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc: DictConfig, prec: Precision,
                how: Step) -> Tensor:
     """forward -> loss -> backward -> clip -> step; returns the loss, still on the device."""
+
+    def update(x: Tensor, y: Tensor, steps: Tensor | None) -> Tensor:  # also what a CUDA graph captures
+        with prec.context(x.device):
+            loss = how.loss(model, prec.prepare(x), y, steps, tc.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
+        optimizer.step()
+        return loss.detach().float()  # bf16 under CPU autocast; the bookkeeping is fp32
+
+    if how.graphed is not None:  # padded, copied into the bucket's captured step, replayed
+        return how.graphed(model, optimizer, x, y, update)
     steps = None
     if how.width is not None:  # a compiled text step: one graph per bucket of lengths
         x, y, steps = fast.pad_section(x, y, fast.bucket(x.size(0), how.width))
-    with prec.context(x.device):
-        loss = how.loss(model, prec.prepare(x), y, steps, tc.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if tc.clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-    optimizer.step()
-    return loss.detach().float()  # bf16 under CPU autocast; the bookkeeping is fp32
+    return update(x, y, steps)
 
 
 @torch.no_grad()
@@ -207,7 +216,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 smooth.lerp_(loss, 1 - BETA)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 if schedule.resets_optimizer(pos, next_pos):  # the notebook's next fit() builds a new optimizer
-                    optimizer.state.clear()  # momentum / Adam moments start again; saved checkpoints agree
+                    graphs.reset_optimizer(optimizer, captured=how.graphed is not None)  # moments start again
                 if step % tc.log_every == 0:  # (on a GPU, values logged land a step or more later)
                     values = torch.stack([smooth / (1 - BETA**step), first_bad.float()])  # debiased loss
                     readback.record((step, optimizer.param_groups[-1]["lr"]), values)

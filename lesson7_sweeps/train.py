@@ -142,8 +142,9 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
     check_fits(lambda: build(cfg.model, **data.model_args()), device)
     model = build(cfg.model, **data.model_args()).to(device)
-    # compiled steps (runner.Step) pair with torch's fused optimizer: one kernel for all parameters
-    optimizer = build_optimizer(cfg.optim, model, fused=compile_mode(cfg.trainer.compile) != "off")
+    # compiled or captured steps (runner.Step) pair with torch's fused optimizer: one kernel for all parameters
+    fused = compile_mode(cfg.trainer.compile) != "off" or cfg.trainer.cuda_graph
+    optimizer = build_optimizer(cfg.optim, model, fused=fused)
     schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
 
     def load(path: Path | None) -> dict | None:  # before the run is marked RUNNING again

@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
-from lesson7_sweeps import fast, runner
+from lesson7_sweeps import fast, graphs, runner
 from lesson7_sweeps.config import compile_mode, validate
+from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.models.rnn import CharRNN
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
@@ -44,6 +45,13 @@ def test_lengths_share_a_bucket_up_to_its_width():
 
 def test_old_booleans_read_as_modes():
     assert [compile_mode(s) for s in ("True", "False", "reduce-overhead")] == ["default", "off", "reduce-overhead"]
+
+
+def test_cuda_graph_refuses_a_compile_mode():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.cuda_graph=true", "trainer.compile=reduce-overhead"])
+    with pytest.raises(ConfigError, match=r"^trainer\.cuda_graph=True is invalid: needs trainer\.compile=off"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -78,11 +86,40 @@ def fit_losses(make_cfg, tmp_path, *overrides: str) -> tuple[list[float], dict[s
     torch.manual_seed(cfg.seed)
     data = instantiate(cfg.data, device="cpu", seed=cfg.seed)
     model = instantiate(cfg.model, **data.model_args())
-    fused = compile_mode(cfg.trainer.compile) != "off"
+    fused = compile_mode(cfg.trainer.compile) != "off" or cfg.trainer.cuda_graph  # as train.py builds it
     optimizer = build_optimizer(cfg.optim, model, fused=fused)
     recorder = Recorder()
-    metrics = runner.fit(cfg, model, data, optimizer, Schedule(cfg.schedule.phases, 1), recorder, tmp_path)
+    metrics = runner.fit(cfg, model, data, optimizer, Schedule(cfg.schedule.phases, cfg.trainer.epochs), recorder,
+                         tmp_path)
     return [v for _, v in recorder.metrics["train_loss"]], metrics, model
+
+
+def test_cuda_graph_step_on_the_cpu_trains_as_eager(make_cfg, tmp_path):
+    """trainer.cuda_graph's own logic, which the CPU runs uncaptured: the batch padded into its
+    bucket's static buffers, the state copied in and handed back, the lr as tensors, the warm-up
+    undone. 50 steps of random lengths over 2 buckets, an epoch end, an SGDR restart (Adam's state
+    zeroed in place) and dropout: every loss, the weights and the carried state as in eager."""
+    phases = ("[{kind: constant, epochs: 1, lr_mult: 1.0, reset_optimizer: false}, {kind: sgdr, epochs: null,"
+              " lr_mult: 1.0, reset_optimizer: true, cycle_len: 1, cycle_mult: 2, warmup_frac: 0.05, warmup: phase}]")
+    tiny = ("model.cell=loop", "model.n_layers=2", "model.dropout=0.0", "data.bs=16", "data.random_bptt=true",
+            "trainer.epochs=2", f"schedule.phases={phases}", "trainer.checkpoints=false")
+    eager, eager_metrics, eager_model = fit_losses(make_cfg, tmp_path, *tiny)
+    graphed = {}
+    real_init = graphs.Graph.__init__
+
+    def init(self, model, x, y, steps):  # every buffer set made: one per bucket
+        real_init(self, model, x, y, steps)
+        graphed[tuple(x.shape)] = self
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(graphs.Graph, "__init__", init)
+        losses, metrics, model = fit_losses(make_cfg, tmp_path, *tiny, "trainer.cuda_graph=true")
+    assert sorted(graphed) == [(8, 16), (16, 16)]  # lengths 1-8 and 9-16: two buckets
+    assert len(losses) == len(eager) == 50 and eager[-1] < eager[0] - 0.3
+    assert max(abs(a - b) for a, b in zip(losses, eager)) < 1e-5
+    assert metrics["val_loss"] == pytest.approx(eager_metrics["val_loss"], abs=1e-5)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow  # inductor's C++ compile: ~35-75 s on 2 cores with a cold cache
