@@ -423,7 +423,8 @@ def make_data(tmp_path: Path, **overrides) -> CifarData:
     if not root.exists():
         write_layout(root, n_train=8, n_test=3)  # 24 train, 9 test images
     kwargs = dict(root=root, cache_dir=tmp_path / "cache", download=False, bs=8, stats="lesson")
-    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", max_bytes=2**30, seed=0) | overrides
+    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", pad_mode="reflect", crop_offsets="all", drop_last=True,
+                  val_average="samples", max_bytes=2**30, seed=0) | overrides
     return CifarData(**kwargs)
 
 

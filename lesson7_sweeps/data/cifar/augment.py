@@ -35,11 +35,28 @@ def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x.float() / 255 - mean) / std
 
 
-def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
-    """Reflect-pad by `pad`, then cut a random HxW window per image (one gather, no loop over images)."""
+def pad_images(x: Tensor, pad: int, mode: str) -> Tensor:
+    """Pad H and W by `pad` on each side. reflect: torch's, the edge pixel not repeated (dcb|abcd|cba);
+    symmetric: the edge pixel repeated (cba|abcd|dcb), OpenCV's BORDER_REFLECT that fastai 0.7 pads with."""
+    if mode == "reflect":
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    x = torch.cat([x[..., :pad].flip(-1), x, x[..., -pad:].flip(-1)], -1)
+    return torch.cat([x[..., :pad, :].flip(-2), x, x[..., -pad:, :].flip(-2)], -2)
+
+
+def random_crop(x: Tensor, pad: int, generator: torch.Generator, pad_mode: str = "reflect",
+                offsets: str = "all") -> Tensor:
+    """Pad by `pad` (pad_mode), then cut a random HxW window per image (one gather, no loop over images).
+
+    offsets: all = every window of the padded image, 0..2*pad per axis; lesson = fastai 0.7's
+    RandomCrop, floor(U * 2*pad), so 0..2*pad-1 (the window flush with the bottom/right edge never comes).
+    """
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=generator, device=x.device)
+    padded = pad_images(x, pad, pad_mode)
+    if offsets == "lesson":
+        dy, dx = (torch.rand((2, n, 1), generator=generator, device=x.device) * (2 * pad)).floor().long()
+    else:
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=generator, device=x.device)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # [n, 1, h, 1]
     cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # [n, 1, 1, w]
     images = torch.arange(n, device=x.device)[:, None, None, None]

@@ -90,9 +90,11 @@ class CifarData:
     """CIFAR-10 held on `device` as uint8 tensors; `train` / `valid` are small batch iterables.
 
     stats: "lesson" uses the lesson's mean/std tuple; "compute" measures them on this train split.
-    pad / crop: reflect-pad by `pad` px then take a random 32x32 window per image (crop with pad=0 is
-    a no-op). flip: random horizontal flip. tta: the views the runner averages for val_accuracy_tta
-    (lesson | views | none, see tta_views).
+    pad / crop: pad by `pad` px (pad_mode: reflect | symmetric, see pad_images) then take a random
+    32x32 window per image (crop with pad=0 is a no-op); crop_offsets: all | lesson (see random_crop).
+    flip: random horizontal flip. tta: the views the runner averages for val_accuracy_tta
+    (lesson | views | none, see tta_views). drop_last: train without the last partial batch.
+    val_average: samples | batches, how the runner averages val_loss and val_accuracy.
     """
 
     kind = "image"
@@ -109,6 +111,10 @@ class CifarData:
         crop: bool,
         flip: bool,
         tta: str,
+        pad_mode: str,
+        crop_offsets: str,
+        drop_last: bool,
+        val_average: str,
         max_bytes: int,
         device: str | torch.device = "cpu",
         seed: int = 0,
@@ -129,6 +135,7 @@ class CifarData:
         self.fingerprint = arrays.fingerprint
         self.warnings: list[str] = []  # nothing to warn about yet; text data has its <unk> share
         self.pad, self.crop, self.flip, self.tta, self.seed = pad, crop, flip, tta, seed
+        self.pad_mode, self.crop_offsets, self.val_average = pad_mode, crop_offsets, val_average
         self.device = torch.device(device)
         self._facts: dict[str, str | int] = {
             "source": str(arrays.source),
@@ -148,21 +155,27 @@ class CifarData:
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        # Train drops the last partial batch: every step then sees bs images (batch statistics in
-        # BnLayer, lr per batch comparable), and reshuffling means no image is always left out.
+        # drop_last: every step then sees bs images (batch statistics in BnLayer, lr per batch
+        # comparable), and reshuffling means no image is always left out; fastai 0.7 kept the last
+        # partial batch (drop_last=false), whose statistics a scratch BnLayer then evaluates with.
         # Valid keeps it: every test image counts in the metrics.
         train_x, train_y = to_device(arrays.train_x, arrays.train_y)
         self.train = DeviceBatches(
-            train_x, train_y, bs, mean, std, drop_last=True, generator=self._generator, augment=self._augment
+            train_x, train_y, bs, mean, std, drop_last=drop_last, generator=self._generator, augment=self._augment
         )
         self.valid = DeviceBatches(*to_device(arrays.test_x, arrays.test_y), bs, mean, std, drop_last=False)
 
     def _augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The training augmentation, drawn from the training generator unless given another."""
         generator = self._generator if generator is None else generator
+        # fastai 0.7 flips before its RandomCrop; with offsets 0..2*pad-1 the order changes which windows
+        # a flipped image can get (padding commutes with the flip, so flipping first is the same)
+        flip_first = self.crop_offsets == "lesson"
+        if self.flip and flip_first:
+            x = random_flip(x, generator)
         if self.crop and self.pad:
-            x = random_crop(x, self.pad, generator)
-        if self.flip:
+            x = random_crop(x, self.pad, generator, self.pad_mode, self.crop_offsets)
+        if self.flip and not flip_first:
             x = random_flip(x, generator)
         return x
 
