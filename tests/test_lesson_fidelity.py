@@ -459,9 +459,9 @@ def ours(loader) -> list[tuple[int, int]]:
     return sections
 
 
-def lesson_text(tmp_path: Path, **overrides) -> TextData:
+def lesson_text(tmp_path: Path, chars: int = 12000, **overrides) -> TextData:
     path = tmp_path / "t.txt"
-    path.write_text(make_text(12000), encoding="utf-8")
+    path.write_text(make_text(chars), encoding="utf-8")
     args = dict(path=str(path), url=None, cache_dir=str(tmp_path), lower=True, min_freq=3, valid_frac=0.2,
                 valid_from_line=None, bs=4, bptt=16, random_bptt=True, loader="lesson", vocab="lesson",
                 val_average="batches", max_bytes=2**20, seed=7)
@@ -517,7 +517,7 @@ def test_validation_loss_is_the_mean_of_batch_means_as_fastais_validate(tmp_path
     """model.py's validate: loss.append(to_np(l)) per batch, then np.mean(loss); each l is the mean
     over that batch's seq_len x bs targets. The hidden state goes through validation unreset (the
     lesson's model has no reset(), so stepper.reset(False) leaves it) and carries on afterwards."""
-    data = lesson_text(tmp_path, bptt=8)
+    data = lesson_text(tmp_path, chars=3000, bptt=8)
     torch.manual_seed(0)
     model = CharRNN(len(data.vocab), "lstm", 4, 8, 1, 0.0, "cudnn", stateful=True, reset_hidden=False)
     x, _ = next(iter(data.train))
