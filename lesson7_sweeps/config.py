@@ -94,8 +94,6 @@ class TextDataConfig:
         _check(self.url is None or self.url.startswith(("https://", "http://")), "data.url", self.url,
                "use an http(s):// address, or null for no download")
         _check(self.loader in ("plain", "lesson"), "data.loader", self.loader, "use plain or lesson")
-        _check(self.loader == "plain" or self.random_bptt, "data.loader", self.loader,
-               "the lesson's loader draws random section lengths: set data.random_bptt=true")
         _check(self.vocab in ("sorted", "lesson"), "data.vocab", self.vocab, "use sorted or lesson")
         _check(self.val_average in VAL_AVERAGES, "data.val_average", self.val_average,
                f"use one of {'|'.join(VAL_AVERAGES)}")

@@ -266,7 +266,7 @@ class TextData:
         valid_ids = batchify(self.vocab.encode(valid_text), bs).to(device)
         rng = np.random.default_rng(seed)
         if loader == "lesson":  # fastai 0.7: one loader rule, one np.random stream, for training and validation
-            self.train, self.valid = (BpttLoader(ids, bptt, True, rng, max_sections=max(1, ids.size(0) // bptt - 1))
+            self.train, self.valid = (BpttLoader(ids, bptt, random_bptt, rng, max(1, ids.size(0) // bptt - 1))
                                       for ids in (train_ids, valid_ids))
         else:
             self.train = BpttLoader(train_ids, bptt, random_bptt, rng)
