@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lesson7_sweeps.data.cifar import _cache_path, _read_cache, load_cifar, source_fingerprint
+from lesson7_sweeps.data.cifar.cache import _cache_path, _read_cache, load_cifar, source_fingerprint
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg.tar.gz"
 DEFAULT_CACHE = Path.home() / ".cache/lesson7_sweeps"

@@ -35,6 +35,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # what `objective` may name, and which way a sweep optimises it
 OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize"}
 TTA_MODES = ("lesson", "views", "none")
+VAL_AVERAGES = ("samples", "batches")  # how val_loss / val_accuracy weigh the validation batches
 # what each kind of data reports (val_accuracy_tta unless data.tta=none)
 DATA_METRICS = {"text": ("val_loss", "val_bpc", "val_accuracy"),
                 "image": ("val_loss", "val_accuracy", "val_accuracy_tta")}
@@ -77,6 +78,9 @@ class TextDataConfig:
     bs: int = MISSING
     bptt: int = MISSING
     random_bptt: bool = MISSING
+    loader: str = MISSING  # plain | lesson (fastai 0.7's LanguageModelLoader for training and validation)
+    vocab: str = MISSING  # sorted | lesson (torchtext's: <unk>, <pad>, then by frequency)
+    val_average: str = MISSING  # samples | batches
     max_bytes: int = MISSING  # the most bytes of text read; anything but regular files is refused
 
     def __post_init__(self) -> None:
@@ -89,6 +93,10 @@ class TextDataConfig:
                "data.valid_from_line", self.valid_from_line, "use a line number >= 2, or null to cut at valid_frac")
         _check(self.url is None or self.url.startswith(("https://", "http://")), "data.url", self.url,
                "use an http(s):// address, or null for no download")
+        _check(self.loader in ("plain", "lesson"), "data.loader", self.loader, "use plain or lesson")
+        _check(self.vocab in ("sorted", "lesson"), "data.vocab", self.vocab, "use sorted or lesson")
+        _check(self.val_average in VAL_AVERAGES, "data.val_average", self.val_average,
+               f"use one of {'|'.join(VAL_AVERAGES)}")
 
 
 @dataclass
@@ -103,6 +111,10 @@ class CifarDataConfig:
     crop: bool = MISSING
     flip: bool = MISSING
     tta: str = MISSING
+    pad_mode: str = MISSING  # reflect | symmetric (the edge pixel repeated: OpenCV's BORDER_REFLECT)
+    crop_offsets: str = MISSING  # all (0..2*pad) | lesson (fastai 0.7: 0..2*pad-1, after the flip)
+    drop_last: bool = MISSING  # train without the last partial batch
+    val_average: str = MISSING  # samples | batches
     max_bytes: int = MISSING  # the most bytes read: source files, an archive's images, the decoded cache
 
     def __post_init__(self) -> None:
@@ -112,6 +124,11 @@ class CifarDataConfig:
         _check(self.stats in ("lesson", "compute"), "data.stats", self.stats, "use lesson or compute")
         _check(self.pad >= 0, "data.pad", self.pad, "must be >= 0 pixels")
         _check(self.crop or self.pad == 0, "data.pad", self.pad, "padding only feeds the crop: set data.crop=true")
+        _check(self.pad < 32, "data.pad", self.pad, "pad by fewer pixels than the 32-pixel image")
+        _check(self.pad_mode in ("reflect", "symmetric"), "data.pad_mode", self.pad_mode, "use reflect or symmetric")
+        _check(self.crop_offsets in ("all", "lesson"), "data.crop_offsets", self.crop_offsets, "use all or lesson")
+        _check(self.val_average in VAL_AVERAGES, "data.val_average", self.val_average,
+               f"use one of {'|'.join(VAL_AVERAGES)}")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -127,6 +144,7 @@ class RNNModelConfig:
     dropout: float = MISSING
     cell: str = MISSING
     stateful: bool = MISSING
+    reset_hidden: bool = MISSING  # fresh state at each epoch and evaluation; false: it carries on (the lesson)
 
     def __post_init__(self) -> None:
         _check(self.kind in ("rnn", "gru", "lstm"), "model.kind", self.kind, "use rnn, gru or lstm")

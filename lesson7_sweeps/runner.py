@@ -37,8 +37,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def reset_state(model: nn.Module) -> None:
-    """Fresh hidden state for stateful models (epoch start, evaluation); no-op for the others."""
-    if hasattr(model, "reset"):
+    """Fresh hidden state for stateful models (epoch start, evaluation); no-op for the others, and for
+    a model with reset_hidden=false (the lesson's had no reset(): its state carries on throughout)."""
+    if getattr(model, "reset_hidden", False):
         model.reset()
 
 
@@ -111,14 +112,17 @@ def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
     """val_loss (nats per target), val_accuracy; for text val_bpc (bits per character); for images
-    unless data.tta=none, val_accuracy_tta (probabilities averaged over the test-time views)."""
+    unless data.tta=none, val_accuracy_tta (probabilities averaged over the test-time views).
+    data.val_average=batches weighs every batch alike (fastai 0.7's validate: np.mean of the batch
+    means), =samples every target; TTA accuracy is over samples (the lesson's accuracy_np on all)."""
     model.eval()
     reset_state(model)
     tta = data.kind == "image" and data.tta != "none"
     generator = data.tta_generator() if tta else None  # the same draws at every evaluation
+    by_batch = data.val_average == "batches"
     loss_sum = torch.zeros((), device=_device(model))
     correct, correct_tta = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
-    n = 0
+    n, n_samples = 0, 0
     for x, y in data.valid:
         with prec.context(x.device):
             out = model(prec.prepare(x)).float()
@@ -126,16 +130,17 @@ def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
                 views = data.tta_views(x, generator)[1:]
                 probs = out.exp() + sum(model(prec.prepare(v)).float().exp() for v in views)
                 correct_tta += (probs.argmax(-1) == y).sum()
-        loss_sum += F.nll_loss(out, y, reduction="sum")
-        correct += (out.argmax(-1) == y).sum()
-        n += y.numel()
+        weight = 1 / y.numel() if by_batch else 1.0
+        loss_sum += F.nll_loss(out, y, reduction="sum") * weight
+        correct += (out.argmax(-1) == y).sum() * weight
+        n, n_samples = n + (1 if by_batch else y.numel()), n_samples + y.numel()
     model.train()
     reset_state(model)
     metrics = {"val_loss": loss_sum.item() / n, "val_accuracy": correct.item() / n}
     if data.kind == "text":
         metrics["val_bpc"] = metrics["val_loss"] / math.log(2)
     if tta:
-        metrics["val_accuracy_tta"] = correct_tta.item() / n
+        metrics["val_accuracy_tta"] = correct_tta.item() / n_samples
     return metrics
 
 
@@ -199,10 +204,10 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         epoch = epoch0 - 1  # a run resumed after its last epoch (stopped while sampling) trains no more
         for epoch in range(epoch0, tc.epochs):
             model.train()
+            if epoch == epoch0 and start is not None and start["hidden"] is not None:  # resumed: the carried
+                model.h = start["hidden"]  # state (mid-epoch, or at an epoch start with reset_hidden=false)
             if batch0 == 0:
                 reset_state(model)
-            elif start is not None and start["hidden"] is not None:  # resumed mid-epoch: the carried state
-                model.h = start["hidden"]
             n_batches = len(data.train)  # exact for this epoch, even with random BPTT lengths
             bar = _progress(data.train, tc.progress, f"epoch {epoch + 1}/{tc.epochs}", n_batches, batch0)
             started, n_targets = time.perf_counter(), 0

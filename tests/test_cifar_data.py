@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import lesson7_sweeps.data.cifar as cifar
+import lesson7_sweeps.data.cifar.formats as formats
 from lesson7_sweeps.data.cifar import (
     LESSON_MEAN,
     LESSON_STD,
@@ -145,7 +146,7 @@ def test_torchvision_pickles_load(tmp_path, point_at):
 
 def test_process_pool_decodes_like_one_process(tmp_path, monkeypatch):
     expected = write_layout(tmp_path / "cifar")
-    monkeypatch.setattr(cifar, "_DECODE_CHUNK", 5)  # 12 train images -> 3 pool tasks
+    monkeypatch.setattr(formats, "_DECODE_CHUNK", 5)  # 12 train images -> 3 pool tasks
     assert_loaded(load_cifar(tmp_path / "cifar", cache_dir=tmp_path / "cache", max_bytes=2**30), expected)
 
 
@@ -158,7 +159,7 @@ def forbid_decoding(monkeypatch):
     def fail(items):
         raise AssertionError("decoded although the cache is valid")
 
-    monkeypatch.setattr(cifar, "_decode_images", fail)
+    monkeypatch.setattr(formats, "_decode_images", fail)
 
 
 def test_second_load_reads_the_cache(tmp_path, monkeypatch):
@@ -422,7 +423,8 @@ def make_data(tmp_path: Path, **overrides) -> CifarData:
     if not root.exists():
         write_layout(root, n_train=8, n_test=3)  # 24 train, 9 test images
     kwargs = dict(root=root, cache_dir=tmp_path / "cache", download=False, bs=8, stats="lesson")
-    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", max_bytes=2**30, seed=0) | overrides
+    kwargs |= dict(pad=0, crop=False, flip=False, tta="none", pad_mode="reflect", crop_offsets="all", drop_last=True,
+                  val_average="samples", max_bytes=2**30, seed=0) | overrides
     return CifarData(**kwargs)
 
 

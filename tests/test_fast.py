@@ -60,7 +60,7 @@ def test_padded_section_gives_the_same_loss_gradients_and_state(kind: str):
     what the unpadded section gives: the mean loss over real targets, their gradients, and the
     state after the last real step (handed to the next batch)."""
     torch.manual_seed(0)
-    model = CharRNN(11, kind, 4, 16, 2, 0.0, "loop", stateful=True)
+    model = CharRNN(11, kind, 4, 16, 2, 0.0, "loop", stateful=True, reset_hidden=True)
     x, y = torch.randint(1, 11, (5, 3)), torch.randint(0, 11, (15,))
     h0 = model.init_hidden(3, torch.device("cpu"))
     results = []

@@ -237,5 +237,6 @@ def test_data_warnings_do_not_fire_on_ordinary_text(tmp_path: Path):
     path = tmp_path / "t.txt"
     path.write_text(make_text(6000))
     data = TextData(path=str(path), url=None, cache_dir=str(tmp_path), lower=True, min_freq=1, valid_frac=0.2,
-                    valid_from_line=None, bs=4, bptt=8, random_bptt=False, max_bytes=2**20)
+                    valid_from_line=None, bs=4, bptt=8, random_bptt=False, loader="plain", vocab="sorted",
+                    val_average="samples", max_bytes=2**20)
     assert data.warnings == [] and data.unk_frac < 0.01

@@ -194,7 +194,8 @@ def test_a_download_cannot_plant_a_file_python_runs(tmp_path: Path):
     try:
         data = TextData(path=str(tmp_path / "missing.txt"), url=f"http://127.0.0.1:{server.server_port}/evil.pth",
                         cache_dir=str(site), lower=True, min_freq=1, valid_frac=0.2, valid_from_line=None, bs=4, bptt=8,
-                        random_bptt=False, max_bytes=2**20)
+                        random_bptt=False, loader="plain", vocab="sorted", val_average="samples",
+                        max_bytes=2**20)
     finally:
         server.shutdown()
     assert [p.suffix for p in site.iterdir()] == [".txt"] and data.path.parent == site

@@ -1,6 +1,7 @@
 """The presets against fastai 0.7 and the lesson notebooks, each rule written out here from the
-lesson's source (fastai/sgdr.py, learner.py, the BnLayer of lesson7-cifar10.ipynb, the notebook's
-trn/ split), never by calling the code under test for the expected value.
+lesson's source (fastai/sgdr.py, learner.py, model.py, nlp.py, transforms.py, torchtext's Vocab, the
+BnLayer of lesson7-cifar10.ipynb, the notebook's trn/ split), never by calling the code under test for
+the expected value.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lesson7_sweeps.config import validate
-from lesson7_sweeps.data.cifar import CifarData
-from lesson7_sweeps.data.text import read_splits
+from lesson7_sweeps.data.cifar import CifarData, random_crop
+from lesson7_sweeps.data.cifar.augment import pad_images
+from lesson7_sweeps.data.text import PAD, UNK, TextData, Vocab, read_splits
 from lesson7_sweeps.errors import ConfigError, DataError
 from lesson7_sweeps.models.conv import BnLayer, ScratchBatchNorm2d
+from lesson7_sweeps.models.rnn import CharRNN
 from lesson7_sweeps.runner import Precision, evaluate
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.train import CONF_DIR, train
 
+from .conftest import make_text
 from .test_cifar_data import write_layout
 
 NIETZSCHE = Path(__file__).resolve().parents[2] / "shared/data/nietzsche.txt"
@@ -77,9 +82,10 @@ def our_lrs(cfg, nb_per_epoch: int) -> list[float]:
 
 # The notebooks' fit calls: (lr, epochs, cycle_len, cycle_mult)
 NOTEBOOK_FITS = {
-    # lesson6-rnn.ipynb: fit(m, md, 2, lo.opt); CosAnneal(lo, len(md.trn_dl), cycle_mult=2) for 2**4-1,
-    # then again for 2**6-1 epochs
-    "lesson6_lstm": [(1e-2, 2, None, 1), (1e-2, 15, 1, 2), (1e-2, 63, 1, 2)],
+    # lesson6-rnn.ipynb, the published run: fit(m, md, 2, lo.opt); CosAnneal(lo, len(md.trn_dl),
+    # cycle_mult=2) for 2**6-1 epochs; the notebook today also has a 2**4-1-epoch fit between them
+    "lesson6_lstm": [(1e-2, 2, None, 1), (1e-2, 63, 1, 2)],
+    "lesson6_lstm_80": [(1e-2, 2, None, 1), (1e-2, 15, 1, 2), (1e-2, 63, 1, 2)],
     # lesson7-cifar10.ipynb, "BatchNorm": learn.fit(3e-2, 2); learn.fit(1e-1, 4, cycle_len=1)
     "lesson7_convbnnet": [(3e-2, 2, None, 1), (1e-1, 4, 1, 1)],
     # "Resnet 2": fit(1e-2, 2); fit(1e-2, 3, cycle_len=1, cycle_mult=2); fit(1e-2, 8, cycle_len=4)
@@ -91,8 +97,8 @@ NOTEBOOK_FITS = {
 @pytest.mark.parametrize("name", sorted(NOTEBOOK_FITS))
 @pytest.mark.parametrize("nb_per_epoch", [45, 196])  # 45: nb/20 is fractional (2.25 -> 3 batches)
 def test_preset_lr_at_every_batch_is_fastais(name: str, nb_per_epoch: int):
-    if name == "lesson6_lstm" and nb_per_epoch == 196:
-        nb_per_epoch = 23  # 80 epochs: keep it quick
+    if name.startswith("lesson6_lstm") and nb_per_epoch == 196:
+        nb_per_epoch = 23  # 65 or 80 epochs: keep it quick
     want = [lr for fit in NOTEBOOK_FITS[name] for lr in fastai_fit_lrs(*fit[:2], nb_per_epoch, *fit[2:])]
     got = our_lrs(preset(name), nb_per_epoch)
     assert len(got) == len(want)
@@ -130,7 +136,8 @@ def is_training_augmentation_of(view: np.ndarray, image: np.ndarray, pad: int) -
 def lesson_tta_data(tmp_path: Path) -> CifarData:
     write_layout(tmp_path / "cifar", n_train=8, n_test=6)
     return CifarData(root=tmp_path / "cifar", cache_dir=tmp_path / "cache", download=False, bs=6, stats="lesson",
-                     pad=4, crop=True, flip=True, tta="lesson", max_bytes=2**30, seed=3)
+                     pad=4, crop=True, flip=True, tta="lesson", pad_mode="reflect", crop_offsets="all", drop_last=True,
+                     val_average="samples", max_bytes=2**30, seed=3)
 
 
 def test_lesson_tta_views_are_the_original_and_four_training_augmentations(lesson_tta_data: CifarData):
@@ -234,7 +241,7 @@ def test_presets_reset_the_optimizer_where_the_notebook_builds_a_new_one():
     for name in ("lesson7_simplenet", "lesson7_convnet", "lesson7_convnet2", "lesson7_convbnnet",
                  "lesson7_convbnnet2", "lesson7_resnet", "lesson7_resnet2"):  # learn.fit(...) each time
         assert all(p.reset_optimizer for p in preset(name).schedule.phases), name
-    for name in ("lesson6_rnn", "lesson6_gru", "lesson6_lstm"):  # fit(m, md, n, opt) with one opt throughout
+    for name in ("lesson6_rnn", "lesson6_gru", "lesson6_lstm", "lesson6_lstm_80"):  # one opt throughout
         assert not any(p.reset_optimizer for p in preset(name).schedule.phases), name
 
 
@@ -265,7 +272,7 @@ def test_a_new_phase_starts_with_a_fresh_optimizer_state(make_cfg, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The text split: the notebook's trn/ is the first 7,999 lines of nietzsche.txt
+# 5. The text split: the notebook's trn/ is the first 7,998 lines of nietzsche.txt
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,20 +291,253 @@ def test_valid_from_line_cuts_between_lines(tmp_path: Path):
         validate(preset("lesson6_rnn", "data.valid_from_line=1"))
 
 
+LESSON6 = ("lesson6_rnn", "lesson6_gru", "lesson6_lstm", "lesson6_lstm_80")
+
+
 def test_lesson6_presets_split_where_the_notebook_did():
-    for name in ("lesson6_rnn", "lesson6_gru", "lesson6_lstm"):
-        assert preset(name).data.valid_from_line == 8000, name
+    for name in (*LESSON6, "lesson6_lstm_fast"):
+        assert preset(name).data.valid_from_line == 7999, name
+
+
+def lesson_corpus() -> str:
+    """The shared copy has 8 characters of mojibake more than the lesson's ("Ã¤" for "ä", ...)."""
+    text = NIETZSCHE.read_text(encoding="utf-8")
+    return re.sub("Ã(.)", lambda m: (b"\xc3" + m.group(1).encode("cp1252")).decode("utf-8"), text)
 
 
 @pytest.mark.skipif(not NIETZSCHE.exists(), reason=f"needs the shared corpus at {NIETZSCHE}")
-def test_the_notebooks_trn_has_493747_characters():
-    """The notebook prints len(md.trn_ds[0].text) = 493,747 of the corpus' 600,893 characters.
-    The shared copy has 8 characters of mojibake more ("Ã¤" for "ä", ...); decoding them back gives
-    the notebook's corpus, whose lines before aphorism 58 (line 8000) are exactly the notebook's trn/."""
-    train, valid = read_splits(NIETZSCHE, 0.2, 8000, 2**30)
-    notebook = NIETZSCHE.read_text(encoding="utf-8")
-    notebook = re.sub("Ã(.)", lambda m: (b"\xc3" + m.group(1).encode("cp1252")).decode("utf-8"), notebook)
+def test_the_notebooks_trn_is_lines_1_to_7998():
+    """The notebook prints len(md.trn_ds[0].text) = 493,747 of the corpus' 600,893 characters: fastai's
+    ConcatTextDataset appends '<eos>' (one token) after each file's text, so trn.txt holds 493,746
+    characters: lines 1-7,998 with their newlines, the corpus decoded back from the shared copy's
+    mojibake. Lines 7,999 (empty) and 8,000 ("58", aphorism 58) begin the rest."""
+    train, valid = read_splits(NIETZSCHE, 0.2, 7999, 2**30)
+    notebook = lesson_corpus()
     assert len(notebook) == 600_893
-    assert len("".join(notebook.split("\n", 7999)[:7999])) + 7999 == 493_747
-    assert train + valid == NIETZSCHE.read_text(encoding="utf-8") and valid.startswith("58\n")
-    assert len(train) == 493_747 + train.count("Ã")  # 7 of the 8 mojibake pairs fall in trn/
+    trn_tokens = list("".join(line + "\n" for line in notebook.split("\n")[:7998])) + ["<eos>"]
+    assert len(trn_tokens) == 493_747
+    assert train + valid == NIETZSCHE.read_text(encoding="utf-8") and valid.startswith("\n58\n")
+    assert len(train) == 493_746 + train.count("Ã")  # 7 of the 8 mojibake pairs fall in trn/
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. CIFAR augmentation: AddPadding(4, cv2.BORDER_REFLECT) -> RandomFlip -> RandomCrop(32)
+# ---------------------------------------------------------------------------------------------
+
+
+def border_reflect(i: int, n: int) -> int:
+    """OpenCV's borderInterpolate for BORDER_REFLECT (fedcba|abcdefgh|hgfedcb): the edge pixel repeated."""
+    return -i - 1 if i < 0 else 2 * n - i - 1 if i >= n else i
+
+
+def fastai_augment(image: np.ndarray, do_flip: bool, rand_r: float, rand_c: float, pad: int) -> np.ndarray:
+    """fastai 0.7's training transforms of lesson 7 on one HWC image, from transforms.py: image_gen puts
+    AddPadding before the aug_tfms ([RandomFlip()]) and Transforms puts RandomCrop after them; RandomCrop
+    starts at np.floor(rand * (r - sz)) with rand = random.uniform(0, 1)."""
+    r, c = image.shape[0] + 2 * pad, image.shape[1] + 2 * pad
+    rows = [border_reflect(i - pad, image.shape[0]) for i in range(r)]
+    cols = [border_reflect(j - pad, image.shape[1]) for j in range(c)]
+    x = image[rows][:, cols]  # cv2.copyMakeBorder(im, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    if do_flip:
+        x = np.fliplr(x)
+    sz = image.shape[0]
+    start_r, start_c = int(np.floor(rand_r * (r - sz))), int(np.floor(rand_c * (c - sz)))
+    return x[start_r : start_r + sz, start_c : start_c + sz]
+
+
+@pytest.fixture
+def lesson7_data(tmp_path: Path) -> CifarData:
+    write_layout(tmp_path / "cifar", n_train=8, n_test=2)  # 24 training images
+    aug = {k: v for k, v in preset("lesson7_simplenet").data.items() if k in ("pad", "pad_mode", "crop_offsets",
+                                                                           "drop_last", "val_average")}
+    assert aug == {"pad": 4, "pad_mode": "symmetric", "crop_offsets": "lesson", "drop_last": False,
+                   "val_average": "batches"}
+    return CifarData(root=tmp_path / "cifar", cache_dir=tmp_path / "cache", download=False, bs=10, stats="lesson",
+                     crop=True, flip=True, tta="lesson", max_bytes=2**30, seed=3, **aug)
+
+
+def test_lesson_augmentation_is_fastais_pad_flip_crop(lesson7_data: CifarData):
+    """Our draws (flip, then the crop's two uniforms, from one generator) fed to fastai's rule."""
+    x = torch.randn(64, 3, 32, 32)
+    got = lesson7_data._augment(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    flips = (torch.rand(64, generator=g) < 0.5).tolist()
+    rand_r, rand_c = torch.rand((2, 64, 1), generator=g).view(2, 64).tolist()
+    for i in range(64):
+        want = fastai_augment(x[i].permute(1, 2, 0).numpy(), flips[i], rand_r[i], rand_c[i], pad=4)
+        np.testing.assert_array_equal(got[i].permute(1, 2, 0).numpy(), want)
+    assert max(int(u * 8) for u in rand_r + rand_c) <= 7  # offsets 0-7: the last window never comes
+
+
+def test_padding_modes_and_crop_offsets():
+    """symmetric is OpenCV's BORDER_REFLECT (the rule above), reflect torch's; crop_offsets=all cuts
+    windows at offsets 0-8, lesson at 0-7 (read back from where each crop's centre pixel came from)."""
+    x = torch.randn(2, 3, 32, 32)
+    rule = [border_reflect(i - 4, 32) for i in range(40)]
+    assert torch.equal(pad_images(x, 4, "symmetric"), x[..., rule, :][..., rule])
+    np.testing.assert_array_equal(pad_images(x, 4, "reflect").numpy(),
+                                  np.pad(x.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect"))
+    image = x[:1, :1].expand(3000, 1, 32, 32)
+    for offsets, want in (("all", set(range(9))), ("lesson", set(range(8)))):
+        crops = random_crop(image, 4, torch.Generator().manual_seed(1), "symmetric", offsets)
+        where = (crops[:, 0, 16, 16, None, None] == image[0, 0]).nonzero()[:, 1:] - 12  # centre = x[dy+12, dx+12]
+        assert len(where) == 3000
+        assert set(where[:, 0].tolist()) == want and set(where[:, 1].tolist()) == want, offsets
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Batches: fastai's DataLoader keeps the last partial batch (196 a CIFAR epoch, the last of 80)
+# ---------------------------------------------------------------------------------------------
+
+
+def fastai_batch_sizes(n: int, bs: int) -> list[int]:
+    """fastai 0.7's DataLoader: a BatchSampler with drop_last=False, so len = ceil(n / bs)."""
+    return [min(bs, n - i) for i in range(0, n, bs)]
+
+
+def test_lesson7_presets_keep_the_last_partial_batch(lesson7_data: CifarData):
+    assert fastai_batch_sizes(50_000, 256)[-1] == 80 and len(fastai_batch_sizes(50_000, 256)) == 196
+    assert [len(y) for _, y in lesson7_data.train] == fastai_batch_sizes(24, 10) == [10, 10, 4]
+    assert len(lesson7_data.train) == 3
+    # the scratch BnLayer evaluates with the statistics of the last batch it trained on: those 4 images
+    layer = BnLayer(3, 4, bn="scratch", running_stats=False)
+    for xb, _ in lesson7_data.train:
+        layer(xb)
+    last = F.relu(layer.conv(xb)).transpose(0, 1).reshape(4, -1)
+    assert len(xb) == 4
+    layer.eval()
+    probe = torch.randn(2, 3, 32, 32)
+    want = (F.relu(layer.conv(probe)) - last.mean(1)[:, None, None]) / last.std(1)[:, None, None]
+    torch.testing.assert_close(layer(probe), want * layer.norm.m + layer.norm.a)
+    for name in ("lesson7_simplenet", "lesson7_resnet2"):
+        assert not preset(name).data.drop_last, name
+    assert preset("lesson7_resnet2_fast").data.drop_last  # a recipe: one compiled batch shape
+
+
+def test_warm_up_lengths_with_196_batches_are_fastais():
+    """fastai warms up while iteration < nb/20: 10 batches of a 1-epoch cycle, 40 of a 4-epoch one at
+    196 batches an epoch (ours, dropping the last batch, had 195: 10 and 39)."""
+    cfg = preset("lesson7_resnet2")
+    schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
+    # phase 2 (cycles of 1, 2, 4 epochs) starts at epoch 2, phase 3 (cycles of 4) at epoch 9
+    for start, batches, want in ((2, 196, 10), (9, 784, 40)):
+        warm = [schedule(start + b / 196) == pytest.approx(0.01) for b in range(batches)]
+        assert warm == [True] * want + [False] * (batches - want), start
+    for nb, want in ((196, 40), (195, 39)):
+        assert fastai_fit_lrs(1e-2, 4, nb, 4, 1).count(1e-4) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Text: fastai 0.7's LanguageModelLoader, torchtext's vocabulary, validate(), no reset()
+# ---------------------------------------------------------------------------------------------
+
+
+def fastai_sections(data: torch.Tensor, bptt: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, length) of every batch of one pass of nlp.py's LanguageModelLoader (np.random -> rng):
+        __len__: self.n // self.bptt - 1
+        __next__: if self.i >= self.n-1 or self.iter>=len(self): raise StopIteration
+                  bptt = self.bptt if np.random.random() < 0.95 else self.bptt / 2.
+                  seq_len = max(5, int(np.random.normal(bptt, 5)))
+                  res = self.get_batch(self.i, seq_len)  # seq_len = min(seq_len, len(source) - 1 - i)
+                  self.i += seq_len; self.iter += 1"""
+    n, i, it, out = data.size(0), 0, 0, []
+    while not (i >= n - 1 or it >= n // bptt - 1):
+        mean = bptt if rng.random() < 0.95 else bptt / 2.0
+        seq_len = max(5, int(rng.normal(mean, 5)))
+        out.append((i, min(seq_len, n - 1 - i)))
+        i, it = i + seq_len, it + 1
+    return out
+
+
+def ours(loader) -> list[tuple[int, int]]:
+    sections, i = [], 0
+    for x, y in loader:
+        assert torch.equal(x, loader.data[i : i + len(x)])
+        assert torch.equal(y, loader.data[i + 1 : i + 1 + len(x)].view(-1))
+        sections.append((i, len(x)))
+        i += len(x)
+    return sections
+
+
+def lesson_text(tmp_path: Path, chars: int = 12000, **overrides) -> TextData:
+    path = tmp_path / "t.txt"
+    path.write_text(make_text(chars), encoding="utf-8")
+    args = dict(path=str(path), url=None, cache_dir=str(tmp_path), lower=True, min_freq=3, valid_frac=0.2,
+                valid_from_line=None, bs=4, bptt=16, random_bptt=True, loader="lesson", vocab="lesson",
+                val_average="batches", max_bytes=2**20, seed=7)
+    return TextData(**(args | overrides))
+
+
+def test_lesson_loader_is_fastais_for_training_and_validation(tmp_path: Path):
+    """One np.random stream for both loaders, as fastai's global one: train, validate, train again.
+    At bptt 16 a random section averages ~15 characters, so the n // bptt - 1 cap ends passes early."""
+    data = lesson_text(tmp_path)
+    rng = np.random.default_rng(7)
+    for loader in (data.train, data.valid, data.train):
+        assert ours(loader) == fastai_sections(loader.data, 16, rng)
+    capped = [sum(n for _, n in ours(loader)) < loader.data.size(0) - 1 for loader in (data.train, data.valid)]
+    assert any(capped)  # the cap mattered in this test
+    plain = lesson_text(tmp_path, loader="plain")
+    assert {n for _, n in ours(plain.valid)[:-1]} == {16}  # fixed lengths, every section to the text's end
+    assert sum(n for _, n in ours(plain.train)) == plain.train.data.size(0) - 1
+    fixed = lesson_text(tmp_path, random_bptt=False)  # the same structure with fixed lengths: the cap binds
+    assert [n for _, n in ours(fixed.valid)] == [16] * (fixed.valid.data.size(0) // 16 - 1)
+    for name in LESSON6:
+        assert (preset(name).data.loader, preset(name).data.vocab, preset(name).data.val_average) == (
+            "lesson", "lesson", "batches"), name
+
+
+def torchtext_itos(text: str, min_freq: int) -> list[str]:
+    """torchtext's Vocab (the Field fastai 0.7 builds): specials first, then by falling frequency with
+    ties in sorted order (sorted by token, then a stable sort by count), stopping below min_freq."""
+    itos = ["<unk>", "<pad>"]
+    words_and_frequencies = sorted(Counter(text).items(), key=lambda tup: tup[0])
+    words_and_frequencies.sort(key=lambda tup: tup[1], reverse=True)
+    for word, freq in words_and_frequencies:
+        if freq < min_freq:
+            break
+        itos.append(word)
+    return itos
+
+
+def test_lesson_vocabulary_is_torchtexts():
+    text = "the quick brown fox jumps over the lazy dog\n" * 3 + "zzq"
+    assert Vocab.build(text, 3, "lesson").itos == torchtext_itos(text, 3)
+    assert Vocab.build(text, 3, "sorted").itos == [UNK, *sorted(c for c in set(text) if text.count(c) >= 3)]
+    assert Vocab.build(text, 3, "lesson").itos[:2] == [UNK, PAD]
+
+
+@pytest.mark.skipif(not NIETZSCHE.exists(), reason=f"needs the shared corpus at {NIETZSCHE}")
+def test_lesson_vocabulary_of_the_notebook_has_56_tokens():
+    train = "".join(line + "\n" for line in lesson_corpus().split("\n")[:7998]).lower()
+    assert len(torchtext_itos(train, 3)) == len(Vocab.build(train, 3, "lesson")) == 56
+
+
+def test_validation_loss_is_the_mean_of_batch_means_as_fastais_validate(tmp_path: Path):
+    """model.py's validate: loss.append(to_np(l)) per batch, then np.mean(loss); each l is the mean
+    over that batch's seq_len x bs targets. The hidden state goes through validation unreset (the
+    lesson's model has no reset(), so stepper.reset(False) leaves it) and carries on afterwards."""
+    data = lesson_text(tmp_path, chars=3000, bptt=8)
+    torch.manual_seed(0)
+    model = CharRNN(len(data.vocab), "lstm", 4, 8, 1, 0.0, "cudnn", stateful=True, reset_hidden=False)
+    x, _ = next(iter(data.train))
+    model(x)
+    carried = tuple(h.clone() for h in model.h)
+    state = data.train.rng.bit_generator.state
+    got = evaluate(model, data, Precision(None, False))
+    data.train.rng.bit_generator.state = state  # the same validation lengths again
+    lesson = CharRNN(len(data.vocab), "lstm", 4, 8, 1, 0.0, "cudnn", stateful=True, reset_hidden=False)
+    lesson.load_state_dict(model.state_dict())
+    lesson.eval()
+    lesson.h = carried
+    losses, sizes = [], set()
+    with torch.no_grad():
+        for xb, yb in data.valid:
+            losses.append(F.nll_loss(lesson(xb), yb).item())
+            sizes.add(len(xb))
+    assert len(sizes) > 1  # random lengths: a mean over batches is no mean over characters
+    assert got["val_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(model.h, lesson.h))  # carried out of validation too
+    model.reset_hidden = True
+    evaluate(model, data, Precision(None, False))
+    assert model.h is None  # reset_hidden=true: a fresh state after (and before) evaluation

@@ -11,7 +11,7 @@ from lesson7_sweeps.optim import build_optimizer
 
 def rnn() -> CharRNN:
     return CharRNN(vocab_size=10, kind="gru", n_fac=4, n_hidden=8, n_layers=1, dropout=0.0, cell="cudnn",
-                   stateful=True)
+                   stateful=True, reset_hidden=True)
 
 
 def adam(lr, wd) -> OmegaConf:

@@ -10,7 +10,7 @@ from lesson7_sweeps.models.rnn import CharRNN, GRUCell, LoopRNN, generate
 def model(kind: str = "lstm", cell: str = "cudnn", stateful: bool = True, n_layers: int = 2) -> CharRNN:
     torch.manual_seed(0)
     return CharRNN(vocab_size=11, kind=kind, n_fac=5, n_hidden=7, n_layers=n_layers, dropout=0.0,
-                   cell=cell, stateful=stateful)
+                   cell=cell, stateful=stateful, reset_hidden=True)
 
 
 def x(seq_len: int = 6, bs: int = 3) -> torch.Tensor:

@@ -23,23 +23,31 @@ from lesson7_sweeps.errors import DataError
 
 log = logging.getLogger(__name__)
 UNK = "<unk>"
-MIN_TOKENS = 2  # real tokens (besides <unk>): fewer, and every prediction is trivially right
+PAD = "<pad>"  # the lesson's vocabulary has it (torchtext's Field), though no character maps to it
+MIN_TOKENS = 2  # characters (besides <unk>, <pad>): fewer, and every prediction is trivially right
 UNK_WARN_FRAC = 0.05  # warn (and tag the run) when more of the text than this is <unk>
 TRAIN_DIRS = ("train", "trn")  # the lesson's layout used trn/ and val/
 VALID_DIRS = ("valid", "val")
 
 
 class Vocab:
-    """One token per character; index 0 is the unknown token (rare or unseen characters)."""
+    """One token per character; index 0 is the unknown token (rare or unseen characters).
+
+    order: sorted = <unk>, then the characters in code-point order; lesson = torchtext's Vocab, as
+    fastai 0.7 built it: <unk>, <pad>, then the characters by falling frequency, ties in code-point order.
+    """
 
     def __init__(self, itos: list[str]) -> None:
         self.itos = list(itos)
         self.stoi = {s: i for i, s in enumerate(self.itos)}
 
     @classmethod
-    def build(cls, text: str, min_freq: int) -> Vocab:
+    def build(cls, text: str, min_freq: int, order: str) -> Vocab:
         counts = Counter(text)
-        return cls([UNK] + sorted(c for c, n in counts.items() if n >= min_freq))
+        kept = [c for c, n in counts.items() if n >= min_freq]
+        if order == "lesson":
+            return cls([UNK, PAD] + sorted(kept, key=lambda c: (-counts[c], c)))
+        return cls([UNK] + sorted(kept))
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -84,14 +92,16 @@ class BpttLoader:
 
     With `random_lengths`, each section length follows the lesson's rule: `bptt` with probability
     0.95, else `bptt / 2`, then `max(5, int(normal(that, 5)))`, drawn from `rng` (so the same seed
-    gives the same sequence of lengths, and successive epochs differ).
+    gives the same sequence of lengths, and successive epochs differ). `max_sections`: a pass ends
+    after that many sections even before the text does (fastai 0.7: len(dl) = rows // bptt - 1).
     """
 
     def __init__(self, data: torch.Tensor, bptt: int, random_lengths: bool,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, max_sections: int | None = None) -> None:
         if random_lengths and rng is None:
             raise ValueError("random section lengths need a seeded rng")
         self.data, self.bptt, self.random_lengths, self.rng = data, bptt, random_lengths, rng
+        self.max_sections = max_sections
         self._lengths: list[int] | None = None  # the coming epoch's, once len() has drawn them
         self._current: list[int] = []  # the epoch being iterated (for checkpoints)
         self._skip = 0  # sections to skip at the next epoch start (resuming mid-epoch)
@@ -104,7 +114,7 @@ class BpttLoader:
 
     def _draw_lengths(self) -> list[int]:
         lengths, i, n = [], 0, self.data.size(0)
-        while i < n - 1:
+        while i < n - 1 and (self.max_sections is None or len(lengths) < self.max_sections):
             lengths.append(min(self.next_length(), n - 1 - i))
             i += lengths[-1]
         return lengths
@@ -226,7 +236,8 @@ class TextData:
 
     def __init__(self, path: str, url: str | None, cache_dir: str, lower: bool, min_freq: int,
                  valid_frac: float, valid_from_line: int | None, bs: int, bptt: int, random_bptt: bool,
-                 max_bytes: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 loader: str, vocab: str, val_average: str, max_bytes: int, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
         self.path, self.lower = resolve_path(path, url, cache_dir), lower
         train_text, valid_text = (self.prepare(t) for t in read_splits(self.path, valid_frac, valid_from_line,
                                                                           max_bytes))
@@ -236,9 +247,10 @@ class TextData:
                 raise DataError(f"the {split} text of {self.path} has {len(text)} characters but "
                                 f"data.bs * (data.bptt + 1) = {need} are needed; lower data.bs or "
                                 "data.bptt, or use a longer text")
-        self.vocab = Vocab.build(train_text, min_freq)
-        if len(self.vocab) - 1 < MIN_TOKENS:
-            raise DataError(f"data.min_freq={min_freq} leaves {len(self.vocab) - 1} characters of {self.path} in "
+        self.vocab = Vocab.build(train_text, min_freq, vocab)
+        n_chars = sum(s not in (UNK, PAD) for s in self.vocab.itos)
+        if n_chars < MIN_TOKENS:
+            raise DataError(f"data.min_freq={min_freq} leaves {n_chars} characters of {self.path} in "
                             f"the vocabulary (the rest become {UNK}), so every prediction would be trivially right; "
                             f"lower data.min_freq")
         self.warnings: list[str] = []  # tagged on the run by train.py
@@ -249,11 +261,16 @@ class TextData:
                                  f"val_loss and val_accuracy then flatter the model: lower data.min_freq")
             log.warning(self.warnings[-1])
         self.fingerprint = fingerprint(self.path, max_bytes)
-        self.n_train, self.n_valid = len(train_text), len(valid_text)
+        self.n_train, self.n_valid, self.val_average = len(train_text), len(valid_text), val_average
         train_ids = batchify(self.vocab.encode(train_text), bs).to(device)
         valid_ids = batchify(self.vocab.encode(valid_text), bs).to(device)
-        self.train = BpttLoader(train_ids, bptt, random_bptt, np.random.default_rng(seed))
-        self.valid = BpttLoader(valid_ids, bptt, random_lengths=False)
+        rng = np.random.default_rng(seed)
+        if loader == "lesson":  # fastai 0.7: one loader rule, one np.random stream, for training and validation
+            self.train, self.valid = (BpttLoader(ids, bptt, random_bptt, rng, max(1, ids.size(0) // bptt - 1))
+                                      for ids in (train_ids, valid_ids))
+        else:
+            self.train = BpttLoader(train_ids, bptt, random_bptt, rng)
+            self.valid = BpttLoader(valid_ids, bptt, random_lengths=False)
 
     def prepare(self, text: str) -> str:
         """What the vocabulary expects: lower-cased when data.lower (prompts go through this too)."""

@@ -78,14 +78,16 @@ class CharRNN(nn.Module):
 
     Stateful (the lesson's CharSeqStateful* models): the hidden state of one batch is the initial
     state of the next, detached so back-propagation stops at the batch boundary (truncated BPTT).
-    It is re-created when the batch size changes and by `reset()` (epoch start, evaluation).
-    With stateful=False every batch starts from zeros: the lesson's "problem" version.
+    It is re-created when the batch size changes and by `reset()`, which the runner calls at each
+    epoch start and evaluation unless reset_hidden=False: the lesson's models had no reset(), so their
+    state carried across epochs, into validation and back. With stateful=False every batch starts
+    from zeros: the lesson's "problem" version.
     """
 
     def __init__(self, vocab_size: int, kind: str, n_fac: int, n_hidden: int, n_layers: int,
-                 dropout: float, cell: str, stateful: bool) -> None:
+                 dropout: float, cell: str, stateful: bool, reset_hidden: bool) -> None:
         super().__init__()
-        self.vocab_size, self.kind, self.stateful = vocab_size, kind, stateful
+        self.vocab_size, self.kind, self.stateful, self.reset_hidden = vocab_size, kind, stateful, reset_hidden
         self.n_layers, self.n_hidden = n_layers, n_hidden
         self.emb = nn.Embedding(vocab_size, n_fac)
         if cell == "cudnn":
@@ -122,8 +124,9 @@ class CharRNN(nn.Module):
 
 @torch.no_grad()
 def generate(model: CharRNN, prompt: Tensor, n: int, temperature: float) -> list[int]:
-    """Continue `prompt` (token ids) by n tokens: greedy at temperature 0, else sampled."""
-    was_training = model.training
+    """Continue `prompt` (token ids) by n tokens: greedy at temperature 0, else sampled. The prompt
+    starts from a fresh state; the model's own (training's) state is left as it was."""
+    was_training, carried = model.training, model.h
     model.eval()
     model.reset()
     logp = model(prompt.view(-1, 1))[-1]
@@ -135,6 +138,6 @@ def generate(model: CharRNN, prompt: Tensor, n: int, temperature: float) -> list
             nxt = torch.multinomial(F.softmax(logp / temperature, dim=-1), 1)
         out.append(nxt)
         logp = model(nxt.view(1, 1))[-1]
-    model.reset()
+    model.h = carried
     model.train(was_training)
     return torch.cat(out).tolist() if out else []
