@@ -270,6 +270,9 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
     if status is None:
         status = "FAILED" if summary is not None and summary.n_trials and not summary.n_ended_well else "FINISHED"
         reason = "every trial failed" if status == "FAILED" else None
+        if summary is not None and status == "FAILED":  # the command fails too (Hydra itself would exit 0)
+            _fail_command(UserError(f"every one of the {summary.n_trials} trials of sweep {parent.sweep_id} failed; "
+                                    f"see their runs' failure_reason tag (lesson7-compare {parent.run_id})"))
     try:
         if status != "FINISHED":
             for run in _running_trials(parent):
@@ -293,7 +296,12 @@ def _running_trials(parent: Parent) -> list[Any]:
     return parent.logger.search(f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'")
 
 
-_unended: UserError | None = None  # the sweep's runs its store would not let it end, and how to end them
+_unended: UserError | None = None  # why the sweep's command fails once Hydra returns: its runs left RUNNING, ...
+
+
+def _fail_command(error: UserError) -> None:
+    global _unended
+    _unended = _unended or error
 
 
 def _left_running(parent: Parent) -> None:
@@ -310,7 +318,7 @@ def _left_running(parent: Parent) -> None:
 
 
 def raise_unended() -> None:
-    """After the sweep: the one-line error if its store would not let it end its runs."""
+    """After the sweep: the one-line error if its store would not let it end its runs, or every trial failed."""
     global _unended
     error, _unended = _unended, None
     if error is not None:
