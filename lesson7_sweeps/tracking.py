@@ -218,14 +218,15 @@ class MlflowLogger:
             self.client.delete_tag(run_id, "failure_reason")
         self.client.update_run(run_id, status="RUNNING")
 
-    def claim(self, key: str, value: str) -> bool:
-        """Param `key` = `value` on this run, unless another value holds it: MLflow never changes a
-        param (the store's unique key), so of several processes claiming one key exactly one wins."""
+    def claim(self, key: str, value: str, run_id: str | None = None) -> bool:
+        """Param `key` = `value` on this run (or `run_id`), unless another value holds it: MLflow never
+        changes a param (the store's unique key), so of several processes claiming one key exactly one
+        wins; claiming the value it holds succeeds."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
         try:
-            self.client.log_param(self.run_id, key, value)
+            self.client.log_param(run_id or self.run_id, key, value)
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
                 raise
@@ -370,6 +371,13 @@ class MlflowLogger:
         experiment_id = self.prepare()
         self.client.set_experiment_tag(experiment_id, key, value)
         return experiment_id
+
+    def discard(self) -> None:
+        """End this run KILLED and delete it (a sweep's parent that another sweeper's replaced)."""
+        assert self.run_id is not None
+        self.client.set_terminated(self.run_id, status="KILLED")
+        self.client.delete_run(self.run_id)
+        self.run_id = None
 
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """End another run of this store (a sweep's trial left RUNNING by a worker that died)."""
