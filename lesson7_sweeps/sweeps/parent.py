@@ -292,6 +292,11 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
     failed sweep is on its way out already."""
     global _active
     parent, _active = _active, None
+    if status is not None:  # stopped or failed: no SLURM job of this sweep may train on for nobody
+        from lesson7_sweeps.sweeps.slurm import cancel_jobs_in_flight
+
+        with ckpt.stop_requests(), ckpt.shielded():
+            cancel_jobs_in_flight()
     if parent is None:
         return
     with ckpt.stop_requests() as signals, ckpt.shielded():
