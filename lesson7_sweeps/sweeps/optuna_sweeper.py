@@ -51,6 +51,7 @@ from lesson7_sweeps.sweeps.optuna_study import (
 from lesson7_sweeps.sweeps.optuna_trial import PRUNED_AT, RUN_ID, SLURM_JOB
 from lesson7_sweeps.sweeps.slurm import (
     cancel_job,
+    cancel_jobs_in_flight,
     cancelled,
     end_cancelled_sweep,
     launch_trial,
@@ -157,6 +158,7 @@ class OptunaSweeper(Sweeper):
                               "the %d running trials, then stopping", n_failed, s.max_failure_rate, n_trials,
                               len(running))
         except BaseException:  # Ctrl-C, a launcher or storage error: no trial of ours stays RUNNING
+            cancel_jobs_in_flight()  # first: their trials end their runs KILLED before we fail the trials
             left = self._abandon(study, list(beat.trials.values()))
             try:
                 if not left and _running(study):
