@@ -391,11 +391,13 @@ SCHEMAS = {
 
 
 def register_schemas() -> None:
-    """The schemas for conf/ options to start from, and the `abspath` resolver conf/ uses."""
+    """The schemas for conf/ options to start from (`- /schema/optim/adam_schema@_here_`), and the
+    `abspath` resolver conf/ uses. Stored apart from the groups they type: in `optim/` they would be
+    options of the group, which `optim=glob(*)` would launch as trials."""
     cs = ConfigStore.instance()
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
-            cs.store(group=group, name=name, node=node)
+            cs.store(group=f"schema/{group}", name=name, node=node)
     OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)), replace=True)
 
 

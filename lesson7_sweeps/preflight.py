@@ -88,8 +88,7 @@ def variants(overrides: list[str]) -> list[list[str]]:
 def _one_line(e: Exception) -> str:
     """Hydra's/OmegaConf's message (and its cause) as one line, without search paths or key dumps."""
     if isinstance(e, MissingConfigException) and e.options:
-        options = sorted(o for o in e.options if not o.endswith("_schema"))  # schemas are not choices
-        return f"{e.missing_cfg_file}: no such option; choose one of {', '.join(options)}"
+        return f"{e.missing_cfg_file}: no such option; choose one of {', '.join(sorted(e.options))}"
     lines = []
     for exc in (e, e.__cause__):
         for line in str(exc or "").splitlines():
@@ -115,7 +114,17 @@ def _sweeper_params(config_name: str, overrides: list[str]) -> list[str]:
 
         check_optuna(hc.sweeper, hc.launcher, cfg.objective, [o for o in overrides if not _is_hydra(o)])
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items() if k not in given]
+    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items() if k not in given]
+    if not is_optuna_sweep(hc.sweeper):  # Hydra's basic sweeper would fail after the parent run exists
+        try:
+            parsed = OverridesParser.create().parse_overrides([o for o in overrides if not _is_hydra(o)] + params)
+        except HydraException:
+            return params  # composing each variant reports it
+        for o in parsed:
+            if o.is_sweep_override() and isinstance(o.value(), IntervalSweep):
+                raise ConfigError(f"{o.input_line}: interval() needs hydra/sweeper=optuna (a search); a grid sweep "
+                                  f"takes a list (a,b,c), range() or glob()")
+    return params
 
 
 def _is_hydra(override: str) -> bool:

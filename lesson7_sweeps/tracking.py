@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ LEASE_TAG = "resume_lease"  # "<token> <unix time>": the process taking a stoppe
 # writing ours and waiting this long, the lease we read back is the one that won
 LEASE_SETTLE_S = 1.0
 SQLITE_HEADER = b"SQLite format 3\0"
+PG_MIGRATION_LOCK = 0x6C657373_6F6E3737  # pg_advisory_lock's key for opening (migrating) an MLflow store
 
 
 class Logger(Protocol):
@@ -149,9 +151,42 @@ class MlflowLogger:
 
     @contextmanager
     def _creating(self) -> Iterator[None]:
-        """A lock on a sqlite store's folder while the store is opened: MLflow creates a new store by
-        running its schema migrations, and two processes doing so at once break it ("table ... already
-        exists", "Online migration expected to match one row")."""
+        """A lock while the store is opened: MLflow creates a new store by running its schema
+        migrations, and two processes doing so at once break it ("table ... already exists", "Online
+        migration expected to match one row"). sqlite: a lock on the store's folder; PostgreSQL: an
+        advisory lock of the database. Reentrant in a process (prepare() opens the store in check())."""
+        held = _opening.__dict__.setdefault("uris", set())
+        if self.uri in held:
+            yield
+            return
+        held.add(self.uri)
+        try:
+            with self._pg_lock() if self.uri.startswith("postgresql") else self._folder_lock():
+                yield
+        finally:
+            held.discard(self.uri)
+
+    @contextmanager
+    def _pg_lock(self) -> Iterator[None]:
+        """pg_advisory_lock, held by a connection of its own until the store is open (it goes with the
+        connection if this process dies)."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            conn = engine.connect()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+        except Exception as e:  # a database that cannot be reached: one line
+            engine.dispose()
+            raise self._store_error(e) from None
+        try:
+            yield
+        finally:
+            conn.close()  # ends the session, and with it the lock
+            engine.dispose()
+
+    @contextmanager
+    def _folder_lock(self) -> Iterator[None]:
         import fcntl
 
         folder = Path(self.uri.removeprefix("sqlite:///")).expanduser().parent
@@ -218,14 +253,15 @@ class MlflowLogger:
             self.client.delete_tag(run_id, "failure_reason")
         self.client.update_run(run_id, status="RUNNING")
 
-    def claim(self, key: str, value: str) -> bool:
-        """Param `key` = `value` on this run, unless another value holds it: MLflow never changes a
-        param (the store's unique key), so of several processes claiming one key exactly one wins."""
+    def claim(self, key: str, value: str, run_id: str | None = None) -> bool:
+        """Param `key` = `value` on this run (or `run_id`), unless another value holds it: MLflow never
+        changes a param (the store's unique key), so of several processes claiming one key exactly one
+        wins; claiming the value it holds succeeds."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
         try:
-            self.client.log_param(self.run_id, key, value)
+            self.client.log_param(run_id or self.run_id, key, value)
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
                 raise
@@ -371,6 +407,13 @@ class MlflowLogger:
         self.client.set_experiment_tag(experiment_id, key, value)
         return experiment_id
 
+    def discard(self) -> None:
+        """End this run KILLED and delete it (a sweep's parent that another sweeper's replaced)."""
+        assert self.run_id is not None
+        self.client.set_terminated(self.run_id, status="KILLED")
+        self.client.delete_run(self.run_id)
+        self.run_id = None
+
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """End another run of this store (a sweep's trial left RUNNING by a worker that died)."""
         _end(self.client, run_id, status, reason)
@@ -481,7 +524,12 @@ class MlflowLogger:
         from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
         try:
-            exp = MlflowClient(self.uri).get_experiment_by_name(self.experiment) if self.experiment else None
+            # a database store is created (migrated) when first opened: under the lock (sqlite's is new
+            # only when its file is, which check() leaves to prepare())
+            with self._creating() if self.uri.startswith("postgresql") else contextlib.nullcontext():
+                exp = MlflowClient(self.uri).get_experiment_by_name(self.experiment) if self.experiment else None
+        except UserError:
+            raise
         except UnsupportedModelRegistryStoreURIException:
             raise UserError(f"tracking.uri={self.uri}: MLflow has no store for this scheme; use "
                             f"sqlite:///ABS/PATH/mlflow.db, http(s)://HOST:PORT or a database URI") from None
@@ -531,6 +579,7 @@ class MlflowLogger:
 # drops every POSIX lock this process holds on it (SQLite's "how to corrupt" 2.2), so reading the header
 # again while MLflow's connections (its async logging thread) write gives them "disk I/O error"
 _sqlite_files: set[Path] = set()
+_opening = threading.local()  # .uris: the stores whose lock this thread holds (MlflowLogger._creating)
 
 # MLflow 3's UI opens an experiment of unknown kind in its GenAI view (a sweep's parent shown as an
 # "Evaluation"); this kind opens the classic runs table

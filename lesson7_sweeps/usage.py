@@ -1,5 +1,5 @@
 """`lesson7-train --help` (our own page: groups and their options, presets, resume / rerun / lr-find,
-where runs go; Hydra's internals and the `*_schema` nodes stay hidden) and `lesson7-train
+where runs go; Hydra's internals stay hidden) and `lesson7-train
 --mark-failed RUN_ID...` (end runs that were left RUNNING)."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -62,15 +63,42 @@ def test_an_optuna_sweep_with_pruning_runs_its_trials_as_slurm_jobs(tmp_path: Pa
     assert queue_empty(tmp_path)
 
 
-def test_a_grid_sweep_runs_its_jobs_on_the_cluster(tmp_path: Path, text_file: Path):
-    finished(launch(tmp_path, text_file, "data.bptt=6,8", *SLURM))
+def test_a_grid_sweep_runs_its_jobs_on_the_cluster_and_a_cancelled_one_fails_alone(tmp_path: Path, text_file: Path):
+    # trial 1 trains long enough to be cancelled while it trains; Hydra's launcher ended the sweep then
+    proc = launch(tmp_path, text_file, "trainer.epochs=1,300,1", "trainer.log_every=1", *SLURM)
+    job = training_run(tmp_path, 1, 1, proc).data.tags["slurm_job_id"]
+    subprocess.run(["scancel", job], check=True)
+    out, err = finished(proc)
+    assert f"trial 1 failed, objective +inf: its SLURM job {job}" in out
     parent, children = split(all_runs(tmp_path))
     assert parent.info.status == "FINISHED" and parent.data.tags["launcher"].endswith("SlurmLauncher")
-    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+    assert [c.info.status for c in children] == ["FINISHED", "KILLED", "FINISHED"]
+    assert children[1].data.tags["failure_reason"] == "interrupted (SIGTERM)"
     assert parent.data.metrics["n_finished"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert queue_empty(tmp_path)
+    assert job_states(job) == ["CANCELLED by 0"] and queue_empty(tmp_path)
+
+
+def test_ctrl_c_of_a_grid_sweep_cancels_its_jobs_and_leaves_nothing_running(tmp_path: Path, text_file: Path):
+    proc = launch(tmp_path, text_file, "trainer.epochs=300", "trainer.log_every=1", "seed=1,2,3", *SLURM)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.time() + 240
+    while time.time() < deadline:  # two trials train (any two: the three jobs go in at once), the third waits
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        runs = all_runs(tmp_path) if (tmp_path / "mlflow.db").exists() else []
+        training = [r for r in runs if "trial" in r.data.tags and client.get_metric_history(r.info.run_id, "val_loss")]
+        if len(training) == 2:
+            break
+        time.sleep(0.5)
+    jobs = [r.data.tags["slurm_job_id"] for r in training]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "cancelled the sweep's SLURM jobs still in flight" in out
+    parent, children = split(all_runs(tmp_path))
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED", "KILLED"]
+    assert all(job_states(j) == ["CANCELLED by 0"] for j in jobs) and queue_empty(tmp_path)
 
 
 def sweep_cmd_on_slurm(tmp_path: Path, n_trials: int, epochs: int, *extra: str) -> list[str]:

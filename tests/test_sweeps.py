@@ -233,9 +233,12 @@ def test_lesson7_compare_prints_the_latest_sweep_and_csv(grid, capsys):
 
 @pytest.mark.slow
 def test_a_sweep_whose_every_trial_fails_ends_failed(tmp_path: Path, text_file: Path):
-    finished(launch(tmp_path, text_file, "optim=sgd", "optim.momentum=0", "optim.lr=1e20,2e20"))
+    _, err = finished(launch(tmp_path, text_file, "optim=sgd", "optim.momentum=0", "optim.lr=1e20,2e20"), code=2)
     parent, children = split(all_runs(tmp_path))
     assert parent.info.status == "FAILED" and parent.data.tags["failure_reason"] == "every trial failed"
+    assert err.strip().splitlines()[-1] == (f"lesson7-train: error: every one of the 2 trials of sweep "
+                                            f"{parent.data.tags['sweep_id']} failed; see their runs' failure_reason "
+                                            f"tag (lesson7-compare {parent.info.run_id})")
     assert [c.info.status for c in children] == ["FAILED", "FAILED"]
 
 

@@ -162,14 +162,59 @@ def _start(cfg: DictConfig) -> None:
                 "sweeper": str(hc.sweeper._target_), "launcher": str(hc.launcher._target_),
                 "hydra_overrides": " ".join(hc.overrides.task)}
         logger.start(name, params, tags)
-        log.info("sweep %s: parent run %s (%s)", sweep_id, logger.run_id, name)
-        # the UI's runs table shows no params until columns are picked: save the sweep's own view
-        # (its runs, objective and swept params as columns, parallel coordinates) on the experiment
-        params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
-        logger.set_experiment_tag(*sweep_view_tag(sweep_id, f"{name} {sweep_id}", params_swept,
-                                                  created_ms=int(time.time() * 1000),
-                                                  lower_is_better=direction(cfg.objective, hc) == "minimize"))
+        winner = _one_parent(logger, key) if is_study(hc) else logger.run_id
+        if winner != logger.run_id:  # another sweeper of the study created its parent at the same instant
+            logger.discard()
+            logger.attach(winner)
+            sweep_id = logger.client.get_run(winner).data.tags["sweep_id"]
+            log.info("sweep %s: another sweeper of the study created parent run %s at the same time; "
+                     "continuing it", sweep_id, winner)
+        else:
+            log.info("sweep %s: parent run %s (%s)", sweep_id, logger.run_id, name)
+            # the UI's runs table shows no params until columns are picked: save the sweep's own view
+            # (its runs, objective and swept params as columns, parallel coordinates) on the experiment
+            params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
+            logger.set_experiment_tag(*sweep_view_tag(sweep_id, f"{name} {sweep_id}", params_swept,
+                                                      created_ms=int(time.time() * 1000),
+                                                      lower_is_better=direction(cfg.objective, hc) == "minimize"))
     _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
+
+
+CLAIM = "parent_claim"  # a param of a new study's parent: won | lost (MLflow never changes a param)
+CLAIM_WAIT_S = 60.0  # how long a sweeper waits for another's parent to be settled
+
+
+def _one_parent(logger: MlflowLogger, key: str) -> str:
+    """The id of the one parent of a new study whose sweepers may each have just created one (this
+    process's is `logger.run_id`). Every store gives first-writer-wins params, and of two sweepers
+    that created a parent each, at least one sees the other's: the one that sees a smaller run id
+    gives way, the smallest marks the others `lost` and itself `won`. No two win (to win, each parent
+    seen must be `lost`), and the smallest, or one that won before it, always does."""
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while (winner := _settle(logger, key)) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"another sweeper of this study is creating its parent run in {logger.uri} and has "
+                            f"not finished within {CLAIM_WAIT_S:.0f} s; run the command again")
+        time.sleep(0.5)
+    return winner
+
+
+def _settle(logger: MlflowLogger, key: str) -> str | None:
+    """One round of `_one_parent`: the winner, or None while it is not known."""
+    mine = logger.run_id
+    assert mine is not None
+    runs = {r.info.run_id: r.data.params.get(CLAIM) for r in
+            logger.search(f"tags.sweep_key = '{key}' and tags.run_type = 'sweep'")}
+    won = [r for r, claim in runs.items() if claim == "won"]
+    if won:
+        return won[0]
+    if any(r < mine for r in runs):  # a smaller one decides
+        logger.claim(CLAIM, "lost", mine)
+        return None
+    for r in sorted(runs):
+        if r != mine and not logger.claim(CLAIM, "lost", r):  # it won meanwhile
+            return r
+    return mine if logger.claim(CLAIM, "won", mine) else None
 
 
 def find(logger: MlflowLogger, key: str) -> Any:
@@ -247,6 +292,11 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
     failed sweep is on its way out already."""
     global _active
     parent, _active = _active, None
+    if status is not None:  # stopped or failed: no SLURM job of this sweep may train on for nobody
+        from lesson7_sweeps.sweeps.slurm import cancel_jobs_in_flight
+
+        with ckpt.stop_requests(), ckpt.shielded():
+            cancel_jobs_in_flight()
     if parent is None:
         return
     with ckpt.stop_requests() as signals, ckpt.shielded():
@@ -270,6 +320,9 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
     if status is None:
         status = "FAILED" if summary is not None and summary.n_trials and not summary.n_ended_well else "FINISHED"
         reason = "every trial failed" if status == "FAILED" else None
+        if summary is not None and status == "FAILED":  # the command fails too (Hydra itself would exit 0)
+            _fail_command(UserError(f"every one of the {summary.n_trials} trials of sweep {parent.sweep_id} failed; "
+                                    f"see their runs' failure_reason tag (lesson7-compare {parent.run_id})"))
     try:
         if status != "FINISHED":
             for run in _running_trials(parent):
@@ -293,7 +346,12 @@ def _running_trials(parent: Parent) -> list[Any]:
     return parent.logger.search(f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'")
 
 
-_unended: UserError | None = None  # the sweep's runs its store would not let it end, and how to end them
+_unended: UserError | None = None  # why the sweep's command fails once Hydra returns: its runs left RUNNING, ...
+
+
+def _fail_command(error: UserError) -> None:
+    global _unended
+    _unended = _unended or error
 
 
 def _left_running(parent: Parent) -> None:
@@ -310,7 +368,7 @@ def _left_running(parent: Parent) -> None:
 
 
 def raise_unended() -> None:
-    """After the sweep: the one-line error if its store would not let it end its runs."""
+    """After the sweep: the one-line error if its store would not let it end its runs, or every trial failed."""
     global _unended
     error, _unended = _unended, None
     if error is not None:

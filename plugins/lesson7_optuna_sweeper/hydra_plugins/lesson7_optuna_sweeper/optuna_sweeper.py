@@ -45,6 +45,7 @@ from hydra_plugins.lesson7_optuna_sweeper._callback import OptunaSweepCallback
 from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
 from hydra_plugins.lesson7_optuna_sweeper.slurm import (
     cancel_job,
+    cancel_jobs_in_flight,
     cancelled,
     end_cancelled_sweep,
     launch_trial,
@@ -164,6 +165,7 @@ class OptunaSweeper(Sweeper):
                               "the %d running trials, then stopping", n_failed, s.max_failure_rate, n_trials,
                               len(running))
         except BaseException:  # Ctrl-C, a launcher or storage error: no trial of ours stays RUNNING
+            cancel_jobs_in_flight()  # first: their trials end their runs KILLED before we fail the trials
             left = self._abandon(study, list(beat.trials.values()))
             try:
                 if not left and _running(study):

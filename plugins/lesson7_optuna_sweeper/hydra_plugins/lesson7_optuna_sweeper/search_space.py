@@ -67,10 +67,13 @@ def parse(params: Mapping[str, Any] | None, arguments: list[str]) -> tuple[dict[
         raise SweeperError(f"hydra.sweeper.params: {str(e).splitlines()[0]}") from None
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
+    final = {o.get_key_element(): o for o in overrides}  # a preset's glob() the command line replaces: never read
     for o in overrides:
         key = o.get_key_element()
         space.pop(key, None)
         fixed.pop(key, None)
+        if o is not final[key]:
+            continue
         if o.is_sweep_override():
             space[key] = _distribution(o)
         else:

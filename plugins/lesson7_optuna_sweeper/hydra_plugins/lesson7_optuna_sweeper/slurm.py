@@ -10,17 +10,22 @@ signal, SLURM or submitit requeues it, and the task resumes its own run.)
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
+import sys
 import time
-from concurrent.futures import Future, wait
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
 
+log = logging.getLogger(__name__)
 SETTLE_S = 3.0  # after a fresh status poll, the other jobs of one `scancel` end within it (1 s polls)
 
 
@@ -32,9 +37,44 @@ class JobLost(Exception):
         self.cancelled = cancelled
 
 
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    """`hydra/launcher=submitit_slurm` for Hydra's grid sweeper too: each trial is a job of its own, one
+    whose job is lost fails alone (objective +inf, as a trial that raised) and the sweep goes on; a
+    scancel of every job in flight ends the sweep KILLED. (Hydra's launcher waits for the jobs in
+    order and raises at the first lost one, which ended the sweep.)"""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+        n = len(job_overrides)
+        pool = ThreadPoolExecutor(min(n, self.params["array_parallelism"]), thread_name_prefix="trial")
+        running = {pool.submit(launch_trial, self, list(o), initial_job_idx + i): i
+                   for i, o in enumerate(job_overrides)}
+        returns: list[JobReturn] = [JobReturn()] * n
+        try:
+            while running:
+                done = with_cancelled_together(wait(running, return_when=FIRST_COMPLETED).done, running)
+                if len(done) == len(running) > 1 and all(cancelled(f) for f in done):
+                    raise end_cancelled_sweep(len(done))
+                for fut in done:
+                    i, ret = running.pop(fut), fut.result()
+                    if isinstance(ret._return_value, JobLost):
+                        log.error("trial %d failed, objective +inf: %s", initial_job_idx + i, ret._return_value)
+                        ret = JobReturn(overrides=ret.overrides, status=JobStatus.COMPLETED,
+                                        _return_value=float("inf"), hydra_cfg=ret.hydra_cfg)
+                    returns[i] = ret
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return returns
+
+    def launch_job(self, overrides: list[str], job_num: int) -> JobReturn:
+        """One trial as a job of its own, by Hydra's launcher (which raises if the job is lost)."""
+        return super().launch([overrides], initial_job_idx=job_num)[0]
+
+
 def launch_trial(launcher: Launcher, overrides: list[str], job_num: int) -> JobReturn:
     """Launch one trial as Hydra job `job_num`; a lost submitit job is a FAILED JobReturn."""
     try:
+        if isinstance(launcher, SlurmLauncher):
+            return launcher.launch_job(overrides, job_num)
         return launcher.launch([overrides], initial_job_idx=job_num)[0]
     except Exception as e:
         lost = _lost(e)
@@ -83,6 +123,28 @@ def end_cancelled_sweep(n_trials: int) -> SweeperError:
     """The one line that ends a sweep whose running trials' jobs were all cancelled."""
     return SweeperError(f"the sweep was cancelled: the SLURM jobs of its {n_trials} running trials were cancelled "
                         f"(scancel)")
+
+
+def cancel_jobs_in_flight() -> list[str]:
+    """scancel the SLURM jobs this process submitted that have not ended: a sweep that stops (Ctrl-C,
+    SIGTERM, an error) must not leave them training for nobody. Each trial saves a checkpoint on the
+    SIGTERM and ends its run KILLED; a queued one never starts. Jobs of other sweepers are not ours."""
+    if "submitit" not in sys.modules:  # nothing was ever submitted from here
+        return []
+    from submitit.slurm.slurm import SlurmJob
+
+    watcher = SlurmJob.watcher  # submitit's per-process record of the jobs it submitted (no public accessor)
+    if watcher._registered - watcher._finished:
+        watcher.update()  # their states now (sacct), not at submitit's last poll
+    jobs = sorted(watcher._registered - watcher._finished)
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
+        log.warning("cancelled the sweep's SLURM jobs still in flight: %s", " ".join(jobs))
+        deadline = time.monotonic() + SETTLE_S * 3
+        while not all(watcher.is_done(j, mode="cache") for j in jobs) and time.monotonic() < deadline:
+            time.sleep(1)  # accounting shows them ended: the threads waiting for them return, and the process exits
+            watcher.update()
+    return jobs
 
 
 def cancel_job(job_id: str | None) -> None:
