@@ -293,7 +293,7 @@ def finish(status: str | None = None, reason: str | None = None) -> None:
     global _active
     parent, _active = _active, None
     if status is not None:  # stopped or failed: no SLURM job of this sweep may train on for nobody
-        from lesson7_sweeps.sweeps.slurm import cancel_jobs_in_flight
+        from hydra_plugins.lesson7_optuna_sweeper.slurm import cancel_jobs_in_flight
 
         with ckpt.stop_requests(), ckpt.shielded():
             cancel_jobs_in_flight()

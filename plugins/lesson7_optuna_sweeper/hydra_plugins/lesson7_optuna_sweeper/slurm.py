@@ -16,12 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
 
@@ -37,43 +35,10 @@ class JobLost(Exception):
         self.cancelled = cancelled
 
 
-class SlurmLauncher(submitit_launcher.SlurmLauncher):
-    """`hydra/launcher=submitit_slurm` for Hydra's grid sweeper too: each trial is a job of its own, one
-    whose job is lost fails alone (objective +inf, as a trial that raised) and the sweep goes on; a
-    scancel of every job in flight ends the sweep KILLED. (Hydra's launcher waits for the jobs in
-    order and raises at the first lost one, which ended the sweep.)"""
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-        n = len(job_overrides)
-        pool = ThreadPoolExecutor(min(n, self.params["array_parallelism"]), thread_name_prefix="trial")
-        running = {pool.submit(launch_trial, self, list(o), initial_job_idx + i): i
-                   for i, o in enumerate(job_overrides)}
-        returns: list[JobReturn] = [JobReturn()] * n
-        try:
-            while running:
-                done = with_cancelled_together(wait(running, return_when=FIRST_COMPLETED).done, running)
-                if len(done) == len(running) > 1 and all(cancelled(f) for f in done):
-                    raise end_cancelled_sweep(len(done))
-                for fut in done:
-                    i, ret = running.pop(fut), fut.result()
-                    if isinstance(ret._return_value, JobLost):
-                        log.error("trial %d failed, objective +inf: %s", initial_job_idx + i, ret._return_value)
-                        ret = JobReturn(overrides=ret.overrides, status=JobStatus.COMPLETED,
-                                        _return_value=float("inf"), hydra_cfg=ret.hydra_cfg)
-                    returns[i] = ret
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return returns
-
-    def launch_job(self, overrides: list[str], job_num: int) -> JobReturn:
-        """One trial as a job of its own, by Hydra's launcher (which raises if the job is lost)."""
-        return super().launch([overrides], initial_job_idx=job_num)[0]
-
-
 def launch_trial(launcher: Launcher, overrides: list[str], job_num: int) -> JobReturn:
     """Launch one trial as Hydra job `job_num`; a lost submitit job is a FAILED JobReturn."""
     try:
-        if isinstance(launcher, SlurmLauncher):
+        if hasattr(launcher, "launch_job"):  # the project's SLURM launcher: one job per trial
             return launcher.launch_job(overrides, job_num)
         return launcher.launch([overrides], initial_job_idx=job_num)[0]
     except Exception as e:
