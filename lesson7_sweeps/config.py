@@ -77,6 +77,7 @@ class TextDataConfig:
     bs: int = MISSING
     bptt: int = MISSING
     random_bptt: bool = MISSING
+    eval_limit: int | None = MISSING  # the runner's: evaluate on the first N validation batches; null = all
     max_bytes: int = MISSING  # the most bytes of text read; anything but regular files is refused
 
     def __post_init__(self) -> None:
@@ -89,6 +90,7 @@ class TextDataConfig:
                "data.valid_from_line", self.valid_from_line, "use a line number >= 2, or null to cut at valid_frac")
         _check(self.url is None or self.url.startswith(("https://", "http://")), "data.url", self.url,
                "use an http(s):// address, or null for no download")
+        _check_eval_limit(self.eval_limit)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class CifarDataConfig:
     crop: bool = MISSING
     flip: bool = MISSING
     tta: str = MISSING
+    eval_limit: int | None = MISSING  # the runner's: evaluate (and TTA) on the first N validation batches
     max_bytes: int = MISSING  # the most bytes read: source files, an archive's images, the decoded cache
 
     def __post_init__(self) -> None:
@@ -112,6 +115,11 @@ class CifarDataConfig:
         _check(self.stats in ("lesson", "compute"), "data.stats", self.stats, "use lesson or compute")
         _check(self.pad >= 0, "data.pad", self.pad, "must be >= 0 pixels")
         _check(self.crop or self.pad == 0, "data.pad", self.pad, "padding only feeds the crop: set data.crop=true")
+        _check_eval_limit(self.eval_limit)
+
+
+def _check_eval_limit(limit: int | None) -> None:
+    _check(limit is None or limit >= 1, "data.eval_limit", limit, "use a number of batches >= 1, or null for all")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -299,9 +307,11 @@ class TrainerConfig:
     channels_last: str = MISSING
     compile: str = MISSING  # off or a torch.compile mode; true/false of older configs read "True"/"False"
     bptt_bucket: int = MISSING
+    eval_every: int | None = MISSING  # steps between evaluations inside an epoch; null = epoch ends only
     log_every: int = MISSING
     progress: str = MISSING
     checkpoints: bool = MISSING
+    keep_cycle_checkpoints: bool = MISSING
     sample: SampleConfig = MISSING
     lr_finder: LRFinderConfig = MISSING
 
@@ -324,6 +334,8 @@ class TrainerConfig:
                f"use one of {'|'.join(COMPILE_MODES)}")
         _check(self.bptt_bucket >= 1, "trainer.bptt_bucket", self.bptt_bucket, "must be >= 1 step")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every,
+               "use a number of steps >= 1, or null to evaluate at epoch ends only")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
         _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")
         # below ~1e-37 the scaled log-probabilities overflow to inf; long before that sampling is greedy

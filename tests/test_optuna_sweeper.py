@@ -164,6 +164,7 @@ def test_median_pruner_prunes_a_trial_in_another_process_and_a_nan_trial_fails_w
         # what Optuna saw is what MLflow holds, at the same steps
         assert t.intermediate_values == metric(client, r.info.run_id, "val_loss")
         assert r.data.tags.get("trial_state") == ("PRUNED" if t.state == TrialState.PRUNED else None)
+        assert r.info.run_name.endswith(" ✂") == (t.state == TrialState.PRUNED)  # the runs table shows it
     pruned = trials[0.0001]
     assert len(pruned.intermediate_values) == 1  # stopped after its first evaluation of two
     assert trials[0.5].value == runs[trials[0.5].number].data.metrics["val_loss"]
