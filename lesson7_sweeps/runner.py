@@ -254,8 +254,8 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             stop = stop or (report is not None and report(step, metrics[cfg.objective]))
             if stop or epoch + 1 == tc.epochs:
                 break
-            if tc.checkpoints:
-                save("last.pt", epoch + 1, 0)  # every epoch: what a crashed run resumes from
+            if tc.checkpoints or signals:  # every epoch: what a crashed run resumes from; a stopped one's always
+                save("last.pt", epoch + 1, 0)
             if signals:
                 raise ckpt.stopping(signals, saved=True)
         if tc.checkpoints:

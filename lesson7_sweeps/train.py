@@ -224,15 +224,16 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     return Outcome(result, logger.run_id)
 
 
-def resume_run(cfg: DictConfig) -> float:
+def resume_run(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
     """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
-    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint."""
+    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint; `tags`
+    are set on it."""
     from lesson7_sweeps.resume import plan  # MLflow's import: only when resuming
     from lesson7_sweeps.stored import notes_tag
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_cfg, checkpoint, changed, notes = plan(cfg, overrides)
-    tags = {**({"resume_overrides": " ".join(changed)} if changed else {}), **notes_tag(notes)} or None
+    tags = {**(tags or {}), **({"resume_overrides": " ".join(changed)} if changed else {}), **notes_tag(notes)} or None
     return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
@@ -256,6 +257,8 @@ def main(cfg: DictConfig) -> float:
             if done is not None:  # the time limit's signal reached the job as it exited: nothing left to train
                 return done
             cfg.resume, cfg.force_resume = continued, True
+            # the trial whose result it now is (a retry of a stopped trial has a number of its own)
+            return resume_run(cfg, {"trial": str(HydraConfig.get().job.num)})
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if sweep.is_multirun():

@@ -20,6 +20,7 @@ from lesson7_sweeps.sweeps.optuna_study import build_pruner, is_optuna_sweep, st
 log = logging.getLogger(__name__)
 PRUNED_AT = "pruned_at_step"  # trial user attr: the job stopped on the pruner's word (the sweeper tells PRUNED)
 RUN_ID = "mlflow_run_id"  # trial user attr: the trial's MLflow run (a dead sweeper's trials are failed there too)
+CONTINUE_RUN = "continue_run_id"  # trial user attr: the run of a trial the user stopped, that this retry continues
 SLURM_JOB = "slurm_job_id"  # trial user attr: the SLURM job running it (cancelled if its sweeper died)
 
 
@@ -52,7 +53,8 @@ def reporter_for_job(run_id: str | None) -> Reporter | None:
 
 def run_to_continue() -> str | None:
     """The MLflow run of this trial when its job runs a second time (SLURM requeued it after a
-    preemption or its time limit): the job continues that run from its last checkpoint.
+    preemption or its time limit), or the run of the trial this one retries after the user stopped
+    the sweep (Ctrl-C; CONTINUE_RUN): the job continues that run from its last checkpoint.
     On SLURM, records the job on the trial first (a sweeper resuming a dead one's study cancels
     it); a job whose trial already ended (that sweeper failed it while the job was queued) stops."""
     trial = _job_trial()
@@ -64,7 +66,7 @@ def run_to_continue() -> str | None:
                         f"job gave it up, so the job trains nothing")
     if "SLURM_JOB_ID" in os.environ:
         trial.set_user_attr(SLURM_JOB, os.environ["SLURM_JOB_ID"])
-    return trial.user_attrs.get(RUN_ID)
+    return trial.user_attrs.get(RUN_ID) or trial.user_attrs.get(CONTINUE_RUN)
 
 
 def _job_trial() -> Any:
