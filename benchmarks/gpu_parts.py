@@ -87,13 +87,13 @@ def sync(out: Path, overrides: list[str]) -> dict:
     from lesson7_sweeps.optim import build_optimizer
     from lesson7_sweeps.schedules import Schedule
     from lesson7_sweeps.tracking import NullLogger
-    from lesson7_sweeps.train import CONF_DIR, pick_device
+    from lesson7_sweeps.train import CONF_DIR, build_data, pick_device
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["tracking=none", "trainer.epochs=2", "trainer.checkpoints=false",
                                           "trainer.log_every=1", "trainer.progress=off", *overrides])
     device = pick_device(cfg.trainer.device)
-    data = instantiate(cfg.data, device=device, seed=cfg.seed)
+    data = build_data(cfg, device)
     model = instantiate(cfg.model, **data.model_args()).to(device)
     cuda = device.type == "cuda"
 

@@ -12,6 +12,7 @@ run's model, optimizer, data loader and schedule (`restore`) before the run is m
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -28,6 +29,7 @@ import torch
 
 from lesson7_sweeps.errors import CheckpointError
 
+log = logging.getLogger(__name__)
 # what stops a run: Ctrl-C, SIGTERM (what SLURM sends before it kills a job: scancel, preemption,
 # requeue), SIGHUP (the terminal or ssh session closed) and SIGUSR2 (what submitit asks SLURM to send
 # `signal_delay_s` before the time limit)
@@ -156,6 +158,23 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         requests.shielded = before
+
+
+def drop_unneeded(logger: Any, out_dir: Path, status: str, final: bool) -> None:
+    """Delete the checkpoints a run no longer needs as it ends `status`: FINISHED keeps final.pt
+    alone (what extends it; last.pt only served a resume); a sweep's trial that ended for good
+    (`final`: pruned, or FAILED: the sweeper has its verdict) keeps none. A KILLED run, or a single
+    run that FAILED, keeps last.pt: `resume=RUN_ID` continues it. A failure here costs only disk."""
+    pattern = "*.pt" if final else "last.pt" if status == "FINISHED" else None
+    if pattern is None:
+        return
+    try:
+        logger.delete_artifacts("checkpoints", pattern)  # the run's copies (tracking on)
+        for path in out_dir.glob(pattern):  # Hydra's run folder (tracking=none)
+            path.unlink()
+    except Exception as e:  # the store's or the file system's errors share no base class
+        log.warning("could not delete the checkpoints the run no longer needs (%s): %s", pattern,
+                    (str(e).splitlines() or [type(e).__name__])[0])
 
 
 def check_records(path: Path) -> None:

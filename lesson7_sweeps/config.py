@@ -81,6 +81,7 @@ class TextDataConfig:
     loader: str = MISSING  # plain | lesson (fastai 0.7's LanguageModelLoader for training and validation)
     vocab: str = MISSING  # sorted | lesson (torchtext's: <unk>, <pad>, then by frequency)
     val_average: str = MISSING  # samples | batches
+    eval_limit: int | None = MISSING  # the runner's: evaluate on the first N validation batches; null = all
     max_bytes: int = MISSING  # the most bytes of text read; anything but regular files is refused
 
     def __post_init__(self) -> None:
@@ -97,6 +98,7 @@ class TextDataConfig:
         _check(self.vocab in ("sorted", "lesson"), "data.vocab", self.vocab, "use sorted or lesson")
         _check(self.val_average in VAL_AVERAGES, "data.val_average", self.val_average,
                f"use one of {'|'.join(VAL_AVERAGES)}")
+        _check_eval_limit(self.eval_limit)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class CifarDataConfig:
     crop_offsets: str = MISSING  # all (0..2*pad) | lesson (fastai 0.7: 0..2*pad-1, after the flip)
     drop_last: bool = MISSING  # train without the last partial batch
     val_average: str = MISSING  # samples | batches
+    eval_limit: int | None = MISSING  # the runner's: evaluate (and TTA) on the first N validation batches
     max_bytes: int = MISSING  # the most bytes read: source files, an archive's images, the decoded cache
 
     def __post_init__(self) -> None:
@@ -129,6 +132,11 @@ class CifarDataConfig:
         _check(self.crop_offsets in ("all", "lesson"), "data.crop_offsets", self.crop_offsets, "use all or lesson")
         _check(self.val_average in VAL_AVERAGES, "data.val_average", self.val_average,
                f"use one of {'|'.join(VAL_AVERAGES)}")
+        _check_eval_limit(self.eval_limit)
+
+
+def _check_eval_limit(limit: int | None) -> None:
+    _check(limit is None or limit >= 1, "data.eval_limit", limit, "use a number of batches >= 1, or null for all")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -318,9 +326,11 @@ class TrainerConfig:
     compile: str = MISSING  # off or a torch.compile mode; true/false of older configs read "True"/"False"
     bptt_bucket: int = MISSING
     cuda_graph: bool = MISSING
+    eval_every: int | None = MISSING  # steps between evaluations inside an epoch; null = epoch ends only
     log_every: int = MISSING
     progress: str = MISSING
     checkpoints: bool = MISSING
+    keep_cycle_checkpoints: bool = MISSING
     sample: SampleConfig = MISSING
     lr_finder: LRFinderConfig = MISSING
 
@@ -345,6 +355,8 @@ class TrainerConfig:
                "needs trainer.compile=off (torch.compile's reduce-overhead mode captures CUDA graphs itself)")
         _check(self.bptt_bucket >= 1, "trainer.bptt_bucket", self.bptt_bucket, "must be >= 1 step")
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "trainer.eval_every", self.eval_every,
+               "use a number of steps >= 1, or null to evaluate at epoch ends only")
         _check(self.progress in ("auto", "on", "off"), "trainer.progress", self.progress, "use auto, on or off")
         _check(self.sample.chars >= 0, "trainer.sample.chars", self.sample.chars, "must be >= 0")
         # below ~1e-37 the scaled log-probabilities overflow to inf; long before that sampling is greedy

@@ -5,6 +5,7 @@ Everything arrives built (model, data, optimizer, schedule, logger); this module
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -110,11 +111,12 @@ def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, tc:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Any, prec: Precision, limit: int | None = None) -> dict[str, float]:
     """val_loss (nats per target), val_accuracy; for text val_bpc (bits per character); for images
     unless data.tta=none, val_accuracy_tta (probabilities averaged over the test-time views).
     data.val_average=batches weighs every batch alike (fastai 0.7's validate: np.mean of the batch
-    means), =samples every target; TTA accuracy is over samples (the lesson's accuracy_np on all)."""
+    means), =samples every target; TTA accuracy is over samples (the lesson's accuracy_np on all).
+    `limit`: the first that many validation batches only (data.eval_limit: quick trials)."""
     model.eval()
     reset_state(model)
     tta = data.kind == "image" and data.tta != "none"
@@ -123,7 +125,7 @@ def evaluate(model: nn.Module, data: Any, prec: Precision) -> dict[str, float]:
     loss_sum = torch.zeros((), device=_device(model))
     correct, correct_tta = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
     n, n_samples = 0, 0
-    for x, y in data.valid:
+    for x, y in itertools.islice(data.valid, limit):
         with prec.context(x.device):
             out = model(prec.prepare(x)).float()
             if tta:  # view 0 is the image itself: reuse its output
@@ -191,6 +193,12 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             logger.log_metrics({"train_loss": train_loss, "lr": lr}, at)
             bar.set_postfix(loss=f"{train_loss:.4f}")
 
+    def validate() -> dict[str, float]:
+        out = evaluate(model, data, prec, cfg.data.eval_limit)
+        if not math.isfinite(out["val_loss"]):
+            raise TrainingDiverged(f"validation loss became {out['val_loss']} after step {step}")
+        return out
+
     def save(name: str, epoch: int, batch: int) -> None:
         log_landed(wait=True)
         check_finite()  # never save a diverged model over the last good one
@@ -210,7 +218,8 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 reset_state(model)
             n_batches = len(data.train)  # exact for this epoch, even with random BPTT lengths
             bar = _progress(data.train, tc.progress, f"epoch {epoch + 1}/{tc.epochs}", n_batches, batch0)
-            started, n_targets = time.perf_counter(), 0
+            started, n_targets, paused = time.perf_counter(), 0, 0.0
+            evaluated = False  # this step's evaluation is done: a report inside the epoch stopped training
             for i, (x, y) in enumerate(bar, start=batch0):
                 # ---- lr from the schedule (a pure function of the position in epochs) -> one step
                 pos, next_pos = epoch + i / n_batches, epoch + (i + 1) / n_batches
@@ -226,7 +235,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                     values = torch.stack([smooth / (1 - BETA**step), first_bad.float()])  # debiased loss
                     readback.record((step, optimizer.param_groups[-1]["lr"]), values)
                     log_landed(wait=False)
-                for cycle in schedule.cycles_ended(pos, next_pos) if tc.checkpoints else []:
+                for cycle in schedule.cycles_ended(pos, next_pos) if tc.keep_cycle_checkpoints else []:
                     save(f"cycle_{cycle}.pt", epoch, i + 1)
                 if signals:  # SIGINT / SIGTERM: stop here, where every state is consistent
                     save("last.pt", epoch, i + 1)
@@ -234,24 +243,33 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                 stop = tc.max_steps is not None and step >= tc.max_steps
                 if stop:
                     break
+                if tc.eval_every is not None and step % tc.eval_every == 0 and i + 1 < n_batches:
+                    # inside the epoch (its end evaluates anyway): a pruner can stop a trial sooner
+                    began, hidden = time.perf_counter(), getattr(model, "h", None)
+                    metrics = validate()
+                    if hidden is not None:  # evaluation reset it; training carries its own state on
+                        model.h = hidden
+                    logger.log_metrics(metrics, step)
+                    paused += time.perf_counter() - began
+                    if report is not None and report(step, metrics[cfg.objective]):
+                        stop = evaluated = True
+                        break
             check_finite()  # also waits for the device, so the clock below is honest
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started - paused
             train_time += elapsed
             throughput = n_targets / elapsed  # characters or images per second
             log_landed(wait=True)
             bar.close()
             batch0 = 0
-            metrics = evaluate(model, data, prec)
-            if not math.isfinite(metrics["val_loss"]):
-                raise TrainingDiverged(f"validation loss became {metrics['val_loss']} after step {step}")
-            logger.log_metrics({**metrics, "epoch": epoch + 1, "throughput": throughput, "train_time": train_time},
-                               step)
+            metrics = metrics if evaluated else validate()
+            logger.log_metrics({**({} if evaluated else metrics), "epoch": epoch + 1, "throughput": throughput,
+                                "train_time": train_time}, step)
             log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             stop = stop or (report is not None and report(step, metrics[cfg.objective]))
             if stop or epoch + 1 == tc.epochs:
                 break
-            if tc.checkpoints:
-                save("last.pt", epoch + 1, 0)  # every epoch: what a crashed run resumes from
+            if tc.checkpoints or signals:  # every epoch: what a crashed run resumes from; a stopped one's always
+                save("last.pt", epoch + 1, 0)
             if signals:
                 raise ckpt.stopping(signals, saved=True)
         if tc.checkpoints:

@@ -48,6 +48,7 @@ class Logger(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_model(self, model: Any) -> None: ...
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None: ...
+    def delete_artifacts(self, folder: str, pattern: str) -> None: ...
     def close(self, status: str, reason: str | None = None) -> bool: ...
 
 
@@ -82,6 +83,9 @@ class NullLogger:
         pass
 
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        pass
+
+    def delete_artifacts(self, folder: str, pattern: str) -> None:
         pass
 
     def close(self, status: str, reason: str | None = None) -> bool:
@@ -395,6 +399,20 @@ class MlflowLogger:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def delete_artifacts(self, folder: str, pattern: str) -> None:
+        """Delete this run's artifacts in `folder` whose names match the glob `pattern` (checkpoints a
+        run that ended no longer needs). MLflow's client has no call for it: its artifact repository has."""
+        from fnmatch import fnmatch
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        run = self.client.get_run(self.run_id)
+        doomed = [a.path for a in self.client.list_artifacts(self.run_id, folder)
+                  if not a.is_dir and fnmatch(a.path.rsplit("/", 1)[-1], pattern)]
+        repo = get_artifact_repository(run.info.artifact_uri) if doomed else None
+        for path in doomed:
+            repo.delete_artifacts(path)
 
     def last_step(self, run_id: str, key: str) -> int | None:
         from mlflow import MlflowClient

@@ -98,6 +98,13 @@ def build(node: DictConfig, **runtime: object) -> object:
         raise
 
 
+def build_data(cfg: DictConfig, device: torch.device | str) -> object:
+    """The data of `cfg`; data.eval_limit is not the data's to take but the runner's (how much of
+    the validation set it evaluates)."""
+    return build(OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "eval_limit"]), device=device,
+                 seed=cfg.seed)
+
+
 def run_tags(device: torch.device) -> dict[str, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     tags = {**git_tags(), "device": str(device), "device_name": name, "torch": torch.__version__,
@@ -136,7 +143,7 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     device = pick_device(cfg.trainer.device)
     logger = build(cfg.tracking)
     logger.check()  # an unreachable tracking server fails here, before any data or model work
-    data = build(cfg.data, device=device, seed=cfg.seed)
+    data = build_data(cfg, device)
     if expect_data is not None and data.fingerprint != expect_data:
         raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
                         f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
@@ -175,6 +182,8 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                           "dataset.fingerprint": data.fingerprint,
                           "model.n_params": sum(p.numel() for p in model.parameters())}
                 warnings = {"data_warning": " / ".join(data.warnings)} if data.warnings else {}
+                if cfg.data.eval_limit is not None:  # its val_* metrics are not the whole set's: say so
+                    warnings["eval_limit"] = f"first {cfg.data.eval_limit} of {len(data.valid)} validation batches"
                 trial_name, trial_tags = sweep.trial_identity(cfg, logger)
                 name = OmegaConf.select(cfg, "tracking.run_name") or trial_name or default_run_name(cfg)
                 name = {"lr_find": f"lr-find {name}", "rerun": f"rerun {name}"}.get(run_type, name)
@@ -187,15 +196,18 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                     logger.log_text(data.vocab.to_json(), "vocab.json")
             # checkpoints are stored once: in the MLflow run when there is one, else in Hydra's run folder
             out_dir = Path(tmp) if logger.run_id is not None or hydra_dir is None else hydra_dir
+            pruned = False
             if lr_finding:
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
                 report = reporter_for_job(logger.run_id)  # an Optuna trial: report evaluations, stop if pruned
                 result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start,
                                     report)[cfg.objective]
-                if report is not None and report.pruned:
-                    logger.set_tags({"trial_state": "PRUNED"})
+                pruned = report is not None and report.pruned
+                if pruned:
+                    sweep.mark_pruned(logger)
                 logger.log_model(model)
+            ckpt.drop_unneeded(logger, out_dir, "FINISHED", final=pruned)  # a pruned trial is final
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler (after saving a checkpoint)
             with ckpt.shielded():
                 marked = logger.close("KILLED", f"interrupted ({e if isinstance(e, Interrupted) else 'SIGINT'})")
@@ -204,6 +216,8 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
             raise
         except BaseException as e:
             with ckpt.shielded():
+                if sweep.is_multirun() and logger.run_id is not None:  # a failed trial is final: no checkpoint
+                    ckpt.drop_unneeded(logger, Path(tmp), "FAILED", final=True)
                 logger.close("FAILED", str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
         with ckpt.shielded():
@@ -211,15 +225,16 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     return Outcome(result, logger.run_id)
 
 
-def resume_run(cfg: DictConfig) -> float:
+def resume_run(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
     """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
-    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint."""
+    with the run's own config (rebuilt from its artifacts as data), from its last checkpoint; `tags`
+    are set on it."""
     from lesson7_sweeps.resume import plan  # MLflow's import: only when resuming
     from lesson7_sweeps.stored import notes_tag
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run_cfg, checkpoint, changed, notes = plan(cfg, overrides)
-    tags = {**({"resume_overrides": " ".join(changed)} if changed else {}), **notes_tag(notes)} or None
+    tags = {**(tags or {}), **({"resume_overrides": " ".join(changed)} if changed else {}), **notes_tag(notes)} or None
     return train_run(run_cfg, tags=tags, resume=cfg.resume, checkpoint=checkpoint).objective
 
 
@@ -233,6 +248,8 @@ def main(cfg: DictConfig) -> float:
             if done is not None:  # the time limit's signal reached the job as it exited: nothing left to train
                 return done
             cfg.resume, cfg.force_resume = continued, True
+            # the trial whose result it now is (a retry of a stopped trial has a number of its own)
+            return resume_run(cfg, {"trial": str(HydraConfig.get().job.num)})
         return resume_run(cfg) if cfg.resume is not None else train(cfg)
     except (UserError, runner.TrainingDiverged) as e:
         if sweep.is_multirun():

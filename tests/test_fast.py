@@ -20,7 +20,7 @@ from lesson7_sweeps.models.rnn import CharRNN
 from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import NullLogger
-from lesson7_sweeps.train import CONF_DIR
+from lesson7_sweeps.train import CONF_DIR, build_data
 
 from .test_train_vision import vision_cfg  # noqa: F401 (a fixture)
 
@@ -84,7 +84,7 @@ def fit_losses(make_cfg, tmp_path, *overrides: str) -> tuple[list[float], dict[s
     cfg = make_cfg("trainer.epochs=1", "trainer.max_steps=50", "trainer.log_every=1", "trainer.checkpoints=false",
                    "trainer.sample.chars=0", *overrides, tracking=False)
     torch.manual_seed(cfg.seed)
-    data = instantiate(cfg.data, device="cpu", seed=cfg.seed)
+    data = build_data(cfg, "cpu")
     model = instantiate(cfg.model, **data.model_args())
     fused = compile_mode(cfg.trainer.compile) != "off" or cfg.trainer.cuda_graph  # as train.py builds it
     optimizer = build_optimizer(cfg.optim, model, fused=fused)
@@ -203,7 +203,7 @@ def test_an_epoch_of_resnet2_never_syncs_host_and_device(vision_cfg, tmp_path): 
     GPU check runs the same epoch under torch.cuda.set_sync_debug_mode("error"))."""
     cfg = vision_cfg("model=resnet2", "model.layers=[4,8]", "trainer.precision=bf16", "trainer.channels_last=on",
                      "trainer.log_every=1", "trainer.epochs=1", "trainer.checkpoints=false", tracking=False)
-    data = instantiate(cfg.data, device="cpu", seed=cfg.seed)
+    data = build_data(cfg, "cpu")
     model = instantiate(cfg.model, **data.model_args())
     recorder, watch = Recorder(), SyncWatch()
     data.train = Watched(data.train, watch)

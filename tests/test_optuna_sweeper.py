@@ -20,7 +20,7 @@ from hydra_plugins.lesson7_optuna_sweeper import SweeperError, search_space
 from hydra_plugins.lesson7_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.sweeps.optuna_study import OptunaSweeperConf, build_pruner, direction, storage_url
-from lesson7_sweeps.sweeps.optuna_trial import RUN_ID
+from lesson7_sweeps.sweeps.optuna_trial import CONTINUE_RUN, RUN_ID
 
 from .conftest import make_text, run_cli, tiny_overrides
 
@@ -164,6 +164,7 @@ def test_median_pruner_prunes_a_trial_in_another_process_and_a_nan_trial_fails_w
         # what Optuna saw is what MLflow holds, at the same steps
         assert t.intermediate_values == metric(client, r.info.run_id, "val_loss")
         assert r.data.tags.get("trial_state") == ("PRUNED" if t.state == TrialState.PRUNED else None)
+        assert r.info.run_name.endswith(" ✂") == (t.state == TrialState.PRUNED)  # the runs table shows it
     pruned = trials[0.0001]
     assert len(pruned.intermediate_values) == 1  # stopped after its first evaluation of two
     assert trials[0.5].value == runs[trials[0.5].number].data.metrics["val_loss"]
@@ -225,24 +226,39 @@ def wait_for_training(tmp_path: Path, proc: subprocess.Popen, job: int) -> None:
     log = tmp_path / "multirun" / str(job) / "train.log"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(1)
+        time.sleep(0.2)
         if log.exists() and "epoch 1 step" in log.read_text():
             return
     raise AssertionError(f"job {job} never finished an epoch: {proc.stderr.read()[-2000:]}")
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_the_running_trial_and_kills_its_run(tmp_path: Path):
-    proc = subprocess.Popen(grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02)", 0, 2, "trainer.epochs=30"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+def test_a_ctrl_c_d_trial_continues_its_run_when_the_command_is_run_again(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/study.db"
+    cmd = grid_sweep(tmp_path, "optim.lr=choice(0.01,0.02)", 0, 1, "trainer.epochs=15",
+                     f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=stopped")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     wait_for_training(tmp_path, proc, 0)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
-    trials = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
-    assert [t.state for t in trials] == [TrialState.FAIL]
+    trials = study(url, "stopped").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # stopped: to run again
     _, runs = mlflow_runs(tmp_path, trials)
-    assert runs[0].info.status == "KILLED"
+    killed = runs[0].info.run_id
+    assert runs[0].info.status == "KILLED" and trials[1].user_attrs[CONTINUE_RUN] == killed
 
+    run(cmd, tmp_path)  # what the README says to do after a Ctrl-C
+    trials = study(url, "stopped").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # n_trials=1: the retry counts
+    assert trials[1].params == trials[0].params and trials[1].user_attrs[RUN_ID] == killed
+    client, runs = mlflow_runs(tmp_path, trials)  # the stopped trial's run is the retry's now (its trial tag)
+    assert list(runs) == [1] and runs[1].info.run_id == killed and runs[1].info.status == "FINISHED"
+    assert "from checkpoints/last.pt" in (tmp_path / "multirun" / "1" / "train.log").read_text()
+    epochs = client.get_metric_history(killed, "epoch")  # continued from its checkpoint: no epoch twice
+    assert [m.value for m in epochs] == list(range(1, 16)) and trials[1].value == runs[1].data.metrics["objective"]
+    parent = client.get_run(runs[1].data.tags["mlflow.parentRunId"])
+    m = parent.data.metrics  # 1 asked, 1 result: the stopped trial is no failure
+    assert parent.info.status == "FINISHED" and (m["n_trials"], m["n_finished"], m["n_killed"]) == (1, 1, 0)
 
 
 def test_too_many_failed_trials_stop_the_sweep_with_one_line(monkeypatch, capsys, tmp_path: Path):

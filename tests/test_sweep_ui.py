@@ -24,7 +24,8 @@ def test_the_view_tag_is_a_saved_view_an_mlflow_store_accepts(tmp_path: Path):
     state = json.loads(envelope["state"])
     assert state["searchFilter"] == "tags.sweep_id = '2026-11-28_19-05-00'"
     assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`objective`", False)  # best (highest) first
-    assert state["selectedColumns"] == ["metrics.`objective`", *(f"params.`{k}`" for k in swept)]
+    assert state["selectedColumns"] == ["metrics.`objective`", *(f"params.`{k}`" for k in swept),
+                                        "tags.`trial_state`"]  # PRUNED trials stand out
     assert set(state["columnWidths"]) <= set(state["columnOrder"])  # MLflow sizes only ordered columns
     (parallel,) = [c for c in state["compareRunCharts"] if c["type"] == "PARALLEL"]
     assert (parallel["selectedParams"], parallel["selectedMetrics"]) == (swept, ["objective"])

@@ -156,7 +156,7 @@ def test_a_grid_is_one_parent_with_one_readable_child_per_trial(grid):
     runs = all_runs(tmp_path)
     parent, children = split(runs)
     assert len(runs) == 5 and parent.info.status == "FINISHED"  # two trials failed: the sweep still finished
-    assert parent.info.run_name == "sweep bptt×lr"
+    assert parent.info.run_name == f"sweep bptt×lr {parent.data.tags['sweep_id']}"  # two such sweeps differ
     assert parent.data.params["sweep.data.bptt"] == "6,8" and parent.data.params["sweep.optim.lr"] == "0.5,1e20"
     assert parent.data.params["fixed.optim"] == "sgd" and parent.data.tags["swept"] == "data.bptt,optim.lr"
     assert [c.info.run_name for c in children] == ["#0 bptt=6 lr=0.5", "#1 bptt=6 lr=1e+20", "#2 bptt=8 lr=0.5",
@@ -166,7 +166,9 @@ def test_a_grid_is_one_parent_with_one_readable_child_per_trial(grid):
     assert all(c.data.tags["run_type"] == "train" for c in children)
     # every checkpoint once: in the store, none in Hydra's job folders
     assert not list((tmp_path / "multirun").rglob("*.pt"))
-    assert (tmp_path / "artifacts" / children[0].info.run_id / "artifacts" / "checkpoints" / "final.pt").exists()
+    kept = [sorted(p.name for p in (tmp_path / "artifacts" / c.info.run_id / "artifacts").glob("checkpoints/*"))
+            for c in children]
+    assert kept == [["final.pt"], [], ["final.pt"], []]  # last.pt served only a resume; a failed trial is final
 
 
 @pytest.mark.slow
@@ -180,7 +182,8 @@ def test_the_summary_names_the_best_trial_and_counts_the_failed_ones(grid):
     assert float(parent.data.tags["best_value"]) == best.data.metrics["objective"]
     assert [c.data.tags.get("best") for c in children] == ["true" if c is best else None for c in children]
     m = parent.data.metrics
-    assert (m["n_trials"], m["n_finished"], m["n_failed"], m["n_pruned"]) == (4, 2, 2, 0)
+    assert (m["n_trials"], m["n_finished"], m["n_failed"], m["n_pruned"], m["n_killed"]) == (4, 2, 2, 0, 0)
+    assert "4 trials: 2 finished, 0 pruned, 2 failed, 0 killed" in out
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.html", "objective_vs_params.png", "parallel_coordinates.png"} <= names
@@ -286,6 +289,8 @@ def test_ctrl_c_stops_the_sweep_and_leaves_nothing_running(tmp_path: Path, text_
                                             f"{parent.data.tags['sweep_id']} and its unfinished trials were "
                                             f"marked KILLED; the running trial's checkpoint was saved")
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+    m = parent.data.metrics  # the trial was marked KILLED before the summary counted it
+    assert (m["n_trials"], m["n_finished"], m["n_failed"], m["n_pruned"], m["n_killed"]) == (1, 0, 0, 0, 1)
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
 
 

@@ -62,10 +62,10 @@ def test_loss_falls_on_a_learnable_text(make_cfg, tmp_path: Path):
 
 
 def test_sgdr_saves_a_loadable_checkpoint_at_each_cycle_end(make_cfg, tmp_path: Path):
-    train(make_cfg("schedule=sgdr", "trainer.epochs=3"))  # cycles of 1 and 2 epochs
+    train(make_cfg("schedule=sgdr", "trainer.epochs=3", "trainer.keep_cycle_checkpoints=true"))  # cycles: 1, 2 epochs
     client, run = only_run(tmp_path)
-    assert artifacts(client, run.info.run_id, "checkpoints") == {  # last.pt: the latest epoch end
-        "checkpoints/cycle_1.pt", "checkpoints/cycle_2.pt", "checkpoints/last.pt", "checkpoints/final.pt"}
+    assert artifacts(client, run.info.run_id, "checkpoints") == {  # last.pt went when the run FINISHED
+        "checkpoints/cycle_1.pt", "checkpoints/cycle_2.pt", "checkpoints/final.pt"}
     path = client.download_artifacts(run.info.run_id, "checkpoints/cycle_2.pt", str(tmp_path))
     ckpt = torch.load(path, weights_only=True)
     model = CharRNN(vocab_size=int(run.data.params["dataset.vocab_size"]), **{

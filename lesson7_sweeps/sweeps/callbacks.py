@@ -40,6 +40,11 @@ class SweepParentRun(OptunaSweepCallback):
 
         fail_trial_runs(self.tracking, trials, why)
 
+    def on_trial_stopped(self, study: Any, trial: Any) -> None:
+        from lesson7_sweeps.sweeps.optuna_trial import hand_run_to_retry
+
+        hand_run_to_retry(study, trial)
+
     def claim_study_end(self, key: str, owner: str) -> bool:
         return parent.claim_end(key, owner)
 

@@ -15,6 +15,7 @@ from lesson7_sweeps.errors import UserError
 
 log = logging.getLogger(__name__)
 RUN_ID = "mlflow_run_id"  # trial user attr: the trial's MLflow run (a dead sweeper's trials are failed there too)
+CONTINUE_RUN = "continue_run_id"  # trial user attr: the run of a trial the user stopped, that this retry continues
 
 
 class Reporter:
@@ -45,7 +46,8 @@ def reporter_for_job(run_id: str | None) -> Reporter | None:
 
 def run_to_continue() -> str | None:
     """The MLflow run of this trial when its job runs a second time (SLURM requeued it after a
-    preemption or its time limit): the job continues that run from its last checkpoint.
+    preemption or its time limit), or the run of the trial this one retries after the user stopped
+    the sweep (Ctrl-C; CONTINUE_RUN): the job continues that run from its last checkpoint.
     On SLURM, records the job on the trial first (a sweeper resuming a dead one's study cancels
     it); a job whose trial already ended (that sweeper failed it while the job was queued) stops."""
     trial = optuna_trial()
@@ -57,7 +59,16 @@ def run_to_continue() -> str | None:
                         f"job gave it up, so the job trains nothing")
     if "SLURM_JOB_ID" in os.environ:
         trial.set_user_attr(SLURM_JOB, os.environ["SLURM_JOB_ID"])
-    return trial.user_attrs.get(RUN_ID)
+    return trial.user_attrs.get(RUN_ID) or trial.user_attrs.get(CONTINUE_RUN)
+
+
+def hand_run_to_retry(study: Any, trial: Any) -> None:
+    """The user stopped `trial` (its retry is added next): the retry continues its run (CONTINUE_RUN,
+    copied with the user attrs); RUN_ID is cleared, as it says whose run a FAIL trial failed."""
+    run = study._storage.get_trial_user_attrs(trial._trial_id).get(RUN_ID)  # set by the job: not the cached copy
+    if run:
+        trial.set_user_attr(CONTINUE_RUN, run)
+        trial.set_user_attr(RUN_ID, None)
 
 
 def fail_trial_runs(tracking: Any, trials: list[Any], why: str) -> None:

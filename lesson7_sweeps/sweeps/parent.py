@@ -150,7 +150,8 @@ def _start(cfg: DictConfig) -> None:
     else:
         sweep_id = uuid.uuid4().hex[:8]
         preset = spec.fixed.get("sweep")
-        name = f"sweep {preset}" if preset else "sweep " + "×".join(spec.short.values())
+        what = preset if preset else "×".join(spec.short.values())
+        name = f"sweep {what} {sweep_id}"  # two sweeps of one grid: told apart in the runs table
         params = {**{f"sweep.{k}": v for k, v in spec.swept.items()},
                   **{f"fixed.{k}": v for k, v in spec.fixed.items()},
                   **{f"sweeper.{k}": v for k, v in flatten(hc.sweeper).items() if k != "params"},
@@ -174,7 +175,7 @@ def _start(cfg: DictConfig) -> None:
             # the UI's runs table shows no params until columns are picked: save the sweep's own view
             # (its runs, objective and swept params as columns, parallel coordinates) on the experiment
             params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
-            logger.set_experiment_tag(*sweep_view_tag(sweep_id, f"{name} {sweep_id}", params_swept,
+            logger.set_experiment_tag(*sweep_view_tag(sweep_id, name, params_swept,
                                                       created_ms=int(time.time() * 1000),
                                                       lower_is_better=direction(cfg.objective, hc) == "minimize"))
     _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
@@ -312,6 +313,17 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
         return ""
     from lesson7_sweeps.sweeps.summary import write_summary  # matplotlib/pandas: only when needed
 
+    def fail(e: Exception) -> bool:  # the store failed (a full disk, a server gone): say so once, at the end
+        log.error("sweep %s: could not end its runs: %s", parent.sweep_id, (str(e).splitlines() or [""])[0])
+        return False
+
+    ended = True
+    try:
+        if status not in (None, "FINISHED"):  # first, so that the summary counts them as they ended
+            for run in _running_trials(parent):
+                parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
+    except Exception as e:
+        ended = fail(e)
     try:
         summary = write_summary(parent)
     except Exception as e:  # a summary must never keep the parent RUNNING
@@ -324,13 +336,9 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
             _fail_command(UserError(f"every one of the {summary.n_trials} trials of sweep {parent.sweep_id} failed; "
                                     f"see their runs' failure_reason tag (lesson7-compare {parent.run_id})"))
     try:
-        if status != "FINISHED":
-            for run in _running_trials(parent):
-                parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
-        ended = parent.logger.close(status, reason)
-    except Exception as e:  # the store failed (a full disk, a server gone): say so once, at the end
-        log.error("sweep %s: could not end its runs: %s", parent.sweep_id, (str(e).splitlines() or [""])[0])
-        ended = False
+        ended = ended and parent.logger.close(status, reason)  # as before: not once the store failed
+    except Exception as e:
+        ended = fail(e)
     if not ended:
         _left_running(parent)
     if summary is not None:
@@ -376,6 +384,17 @@ def raise_unended() -> None:
 
 
 # --- a trial -----------------------------------------------------------------------------------
+
+
+PRUNED_MARK = " ✂"  # ends a pruned trial's run name: the runs table tells it from a finished one
+
+
+def mark_pruned(logger: MlflowLogger) -> None:
+    """A trial the pruner stopped: tag trial_state=PRUNED (a column of the sweep's view) and mark its name."""
+    (run,) = logger.search(f"attributes.run_id = '{logger.run_id}'", all_experiments=True)
+    name = run.info.run_name or ""
+    logger.set_tags({"trial_state": "PRUNED",
+                     **({} if name.endswith(PRUNED_MARK) else {"mlflow.runName": name + PRUNED_MARK})})
 
 
 def trial_identity(cfg: DictConfig, logger: Logger) -> tuple[str | None, dict[str, str]]:

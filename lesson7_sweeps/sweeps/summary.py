@@ -9,8 +9,10 @@ math-text parsing.
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +40,16 @@ _PAGE = """<h3>{{ title }}</h3>
 
 def _cell(value: object) -> str:
     return "" if pd.isna(value) else f"{value:.6g}" if isinstance(value, float) else printable(value)
+
+
+_LONG_DECIMAL = re.compile(r"[-+]?\d*\.\d{5,}(e[-+]?\d+)?|[-+]?\d(\.\d+)?e[-+]?\d+", re.IGNORECASE)
+
+
+def _readable(value: object) -> str:
+    """A cell for reading: a param read back as a long decimal (0.00012345678901234567) to 4 digits."""
+    if isinstance(value, str) and _LONG_DECIMAL.fullmatch(value):
+        return f"{float(value):.4g}"
+    return _cell(value)
 
 
 def _csv_cell(value: object) -> object:
@@ -80,6 +92,13 @@ class Summary:
         return int(self.table["status"].isin(statuses).sum())
 
     @property
+    def counts(self) -> dict[str, int]:
+        """n_trials and how its trials ended, adding up to it: n_killed counts KILLED runs and any that
+        never ended (a killed sweep marks its running trials KILLED before counting)."""
+        n = {f"n_{s.lower()}": self.count(s) for s in ("FINISHED", "PRUNED", "FAILED")}
+        return {"n_trials": self.n_trials, **n, "n_killed": self.n_trials - sum(n.values())}
+
+    @property
     def n_ended_well(self) -> int:
         return self.count(*ENDED_WELL)
 
@@ -92,6 +111,9 @@ class Summary:
     def print(self, top: int = 5) -> None:
         render(self.table.head(top), f"{self.title}: top {min(top, self.n_trials)} of {self.n_trials} trials")
         best = self.best
+        n = self.counts
+        print(f"{n['n_trials']} trials: {n['n_finished']} finished, {n['n_pruned']} pruned, {n['n_failed']} failed, "
+              f"{n['n_killed']} killed")
         print(f"best run: {printable(best['run_id'])} ({printable(best['run_name'])}), objective "
               f"{best['objective']:.6g}" if best is not None else "best run: none (no trial finished)")
 
@@ -144,8 +166,7 @@ def write_summary(parent: Any) -> Summary:
         (out / "summary.html").write_text(html_page(summary.title, summary.table), encoding="utf-8")
         for path in [out / "summary.csv", out / "summary.html"]:
             logger.log_artifact(path)
-        logger.log_metrics({"n_trials": summary.n_trials, "n_finished": summary.count("FINISHED"),
-                            "n_failed": summary.count("FAILED"), "n_pruned": summary.count("PRUNED")}, step=0)
+        logger.log_metrics(summary.counts, step=0)
         if best is not None:
             logger.set_tags({"best_run_id": best["run_id"], "best_value": repr(float(best["objective"]))})
             logger.set_tags({"best": "true"}, run_id=best["run_id"])
@@ -242,12 +263,24 @@ def _plain(label: str) -> str:
 
 
 def _axis(values: pd.Series) -> tuple[list[float], list[str] | None]:
-    """Numbers stay numbers; anything else becomes positions 0..k-1 with its values as tick labels."""
+    """Numbers stay numbers; anything else becomes positions 0..k-1 with its values as tick labels,
+    lists of numbers (widths) ordered by their numbers, other values after them by their text."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all():
         return [float(v) for v in numbers], None
-    ticks = sorted(values.astype(str).unique())
+    ticks = sorted(values.astype(str).unique(), key=_order)
     return [float(ticks.index(str(v))) for v in values], [_plain(t) for t in ticks]
+
+
+def _order(text: str) -> tuple:
+    """Sort key of a value read back as text: "[8, 16]" before "[16, 32]" (as text it would follow)."""
+    try:  # literals only (never code); the store bounds a param's length
+        value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        value = None
+    if isinstance(value, (list, tuple)) and all(type(v) in (int, float) for v in value):
+        return 0, tuple(value), text
+    return 1, (), text
 
 
 def _scale(values: Any) -> list[float]:
@@ -257,8 +290,9 @@ def _scale(values: Any) -> list[float]:
 
 
 def render(table: pd.DataFrame, title: str) -> None:
-    """Print a trial table with rich (run ids in full: users copy them). Every title, header and cell
-    is a rich Text: a name with [markup] is printed as written, never parsed."""
+    """Print a trial table with rich (run ids in full: users copy them; long decimals rounded, the CSV
+    keeps them). Every title, header and cell is a rich Text: a name with [markup] is printed as
+    written, never parsed."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -267,6 +301,7 @@ def render(table: pd.DataFrame, title: str) -> None:
     for column in table.columns:
         out.add_column(Text(printable(column)), no_wrap=column == "run_id",
                        justify="right" if column in ("trial", "objective", "duration_s", "steps") else "left")
+    exact = [c in ("run_id", "run_name", "sweep") for c in table.columns]  # ids are copied, in full
     for row in table.itertuples(index=False):
-        out.add_row(*(Text(_cell(v)) for v in row))
+        out.add_row(*(Text(_cell(v) if keep else _readable(v)) for v, keep in zip(row, exact)))
     Console(width=None if sys.stdout.isatty() else 1000).print(out)  # a pipe or log file: no wrapping

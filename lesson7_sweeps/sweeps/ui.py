@@ -28,6 +28,7 @@ OBJECTIVE_METRIC = "objective"
 # MLflow's runs-chart sections: metrics without a "/" land in "Model metrics"; the UI expects these
 # two last, and puts any other section (ours) above them
 MODEL_SECTION, SYSTEM_SECTION = "Model metrics", "System metrics"
+STATE_TAG = "trial_state"
 NAME_COLUMNS = ("attributes.`Run Name`", "attributes.`Created`", "attributes.`Duration`")  # always shown
 
 
@@ -41,7 +42,9 @@ def sweep_view_state(sweep_id: str, swept: Sequence[str], lower_is_better: bool 
     tag) sorted by the objective, the swept params and the objective as columns, and a chart section
     with the objective in parallel coordinates over the swept params and as bars per trial."""
     section = f"sweep-{sweep_id}"
-    columns = [_column("metrics", OBJECTIVE_METRIC), *(_column("params", k) for k in swept)]
+    # trial_state: PRUNED for a trial the pruner stopped (MLflow shows every such run as FINISHED)
+    columns = [_column("metrics", OBJECTIVE_METRIC), *(_column("params", k) for k in swept),
+               _column("tags", STATE_TAG)]
     card = {"uuid": "", "metricSectionId": section, "deleted": False, "isGenerated": False, "runsCountToCompare": 100}
     return {
         # search facets (what the runs page also reads from its URL)

@@ -20,6 +20,10 @@ class OptunaSweepCallback(Callback):
         """These trials are FAIL in the study though their jobs may have recorded otherwise (their
         sweeper or worker died, or never told the result)."""
 
+    def on_trial_stopped(self, study: Any, trial: Any) -> None:
+        """The user stopped the sweep while this trial ran: it becomes FAIL with a WAITING copy that the
+        next run of the command asks first (its user attrs are copied: mark there what to continue)."""
+
     def claim_study_end(self, key: str, owner: str) -> bool:
         """Several sweepers may share one study: whether this one (`owner`) ends it; the first to
         claim `key` (one per end of the study) does."""

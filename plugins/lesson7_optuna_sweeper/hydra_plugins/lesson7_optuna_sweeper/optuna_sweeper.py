@@ -164,9 +164,9 @@ class OptunaSweeper(Sweeper):
                     log.error("%d trials failed: more than hydra.sweeper.max_failure_rate=%s of %d; waiting for "
                               "the %d running trials, then stopping", n_failed, s.max_failure_rate, n_trials,
                               len(running))
-        except BaseException:  # Ctrl-C, a launcher or storage error: no trial of ours stays RUNNING
+        except BaseException as e:  # Ctrl-C, a launcher or storage error: no trial of ours stays RUNNING
             cancel_jobs_in_flight()  # first: their trials end their runs KILLED before we fail the trials
-            left = self._abandon(study, list(beat.trials.values()))
+            left = self._abandon(study, list(beat.trials.values()), stopped=isinstance(e, KeyboardInterrupt))
             try:
                 if not left and _running(study):
                     self._hand_over(f"other sweepers of study {study.study_name} still run trials")
@@ -301,14 +301,18 @@ class OptunaSweeper(Sweeper):
         if told.state == TrialState.FAIL:
             self._dead(study, told, f"its worker process died ({type(e).__name__})")
 
-    def _abandon(self, study: optuna.Study, trials: list[optuna.Trial]) -> bool:
-        """Fail our running trials on the way out; whether some are left RUNNING (a storage that is
-        down), for the next sweeper of the study to fail when it finds our lock free."""
+    def _abandon(self, study: optuna.Study, trials: list[optuna.Trial], stopped: bool = False) -> bool:
+        """Fail our running trials on the way out (`stopped` by the user: each is run again, `requeue`);
+        whether some are left RUNNING (a storage that is down), for the next sweeper of the study to
+        fail when it finds our lock free."""
         from optuna.trial import TrialState
 
         for trial in trials:
             try:
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if stopped:
+                    requeue(study, trial, self.hooks)
+                else:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             except _storage_errors():
                 return True
         return False
@@ -447,15 +451,31 @@ def _exhaustive(conf: DictConfig, space: dict[str, Any]) -> Any:
     return Exhaustive(search_space.grid(space), **args) if grid else Exhaustive(**args)
 
 
+def requeue(study: optuna.Study, trial: optuna.Trial, hooks: list[OptunaSweepCallback]) -> None:
+    """A trial the user stopped (Ctrl-C, SIGTERM to the sweep) has not failed: it is FAIL with a
+    WAITING copy (its params, user attrs and reports so far; counted once) that the next run of the
+    command asks first. The callbacks hear of it first (on_trial_stopped: e.g. so that the copy's job
+    continues the stopped one's work from its checkpoint)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    for h in hooks:
+        h.on_trial_stopped(study, trial)
+    told = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    if told.state == TrialState.FAIL:  # (not one another sweeper ended meanwhile)
+        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, told)
+        log.warning("trial %d stopped: it runs again when the same command is run again", trial.number)
+
+
 def _count(study: optuna.Study) -> int:
     """Trials that count towards n_trials: all of them but those still WAITING to run, and a FAIL
-    that is retried counts once (its retry, when that has run)."""
+    that is retried counts once (its retry, when that has run; each retry replaces the one before)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     started = [t for t in trials if t.state != TrialState.WAITING]
-    return len(started) - len({RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None})
+    return len(started) - sum(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None for t in trials)
 
 
 def _running(study: optuna.Study) -> bool:
