@@ -11,10 +11,10 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from hydra_plugins.lesson7_optuna_sweeper import search_space
 from lesson7_sweeps.config import CONF_DIR, SCHEMAS, register_schemas
 from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.preflight import preflight
-from lesson7_sweeps.sweeps import search_space
 from lesson7_sweeps.usage import options
 
 register_schemas()

@@ -44,6 +44,7 @@ from hydra_plugins.lesson7_optuna_sweeper import search_space
 from hydra_plugins.lesson7_optuna_sweeper._callback import OptunaSweepCallback
 from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
 from hydra_plugins.lesson7_optuna_sweeper.slurm import (
+    JobLost,
     cancel_job,
     cancel_jobs_in_flight,
     cancelled,
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # optuna is imported when a sweep starts: Hydra imports this 
 log = logging.getLogger(__name__)
 OWNER = "owner"  # trial user attr: the id of the sweeping process that launched it (_Owner)
 OWNER_HOST = "owner_host"  # trial user attr: its host, for people reading the study
+STOPPED = "stopped"  # trial user attr: the user stopped the sweep while it ran (its retry continues it)
 OWNER_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -208,8 +210,12 @@ class OptunaSweeper(Sweeper):
         trial = study.ask()  # study.ask(space) would lose the new trial's id if a parameter is refused
         trial.set_user_attr(OWNER, owner.id)
         trial.set_user_attr(OWNER_HOST, socket.gethostname())
+        # a retry's copy of a failed trial's attrs is not its own (its run, its SLURM job); a stopped
+        # trial's retry keeps what on_trial_stopped handed it (e.g. the work to continue)
+        stopped = trial.user_attrs.get(STOPPED)
         for key in [k for k in trial.user_attrs if k not in (OWNER, OWNER_HOST)]:
-            trial.set_user_attr(key, None)  # not a retry's copy of the failed trial's (its run, its SLURM job)
+            if not stopped or key in (STOPPED, SLURM_JOB):
+                trial.set_user_attr(key, None)
         beat.add(trial)  # first: an in-process trial interrupted at its start is ours to fail
         try:
             for name, distribution in space.items():
@@ -273,7 +279,8 @@ class OptunaSweeper(Sweeper):
             state = TrialState.PRUNED
         elif ret.status != JobStatus.COMPLETED:
             e = ret._return_value
-            log.error("trial %d failed: %s: %s", trial.number, type(e).__name__, e)
+            # a lost SLURM job's reason is a sentence; an exception of the task's is named
+            log.error("trial %d failed: %s", trial.number, e if isinstance(e, JobLost) else f"{type(e).__name__}: {e}")
             state = TrialState.FAIL
         elif study._storage.get_trial_user_attrs(trial._trial_id).get(PRUNED_AT) is not None:  # the job's: not cached
             state = TrialState.PRUNED
@@ -461,6 +468,7 @@ def requeue(study: optuna.Study, trial: optuna.Trial, hooks: list[OptunaSweepCal
 
     for h in hooks:
         h.on_trial_stopped(study, trial)
+    trial.set_user_attr(STOPPED, True)
     told = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if told.state == TrialState.FAIL:  # (not one another sweeper ended meanwhile)
         RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, told)

@@ -21,18 +21,10 @@ from concurrent.futures import Future, wait
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from hydra_plugins.lesson7_optuna_sweeper._errors import SweeperError
+from hydra_plugins.lesson7_optuna_sweeper._errors import JobLost, SweeperError  # noqa: F401 (JobLost: re-exported)
 
 log = logging.getLogger(__name__)
 SETTLE_S = 3.0  # after a fresh status poll, the other jobs of one `scancel` end within it (1 s polls)
-
-
-class JobLost(Exception):
-    """A trial's SLURM job ended without a result; `cancelled`: by scancel."""
-
-    def __init__(self, reason: str, cancelled: bool) -> None:
-        super().__init__(reason)
-        self.cancelled = cancelled
 
 
 def launch_trial(launcher: Launcher, overrides: list[str], job_num: int) -> JobReturn:
