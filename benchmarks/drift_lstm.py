@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 
 from lesson7_sweeps import runner
 from lesson7_sweeps.optim import build_optimizer
-from lesson7_sweeps.train import CONF_DIR
+from lesson7_sweeps.train import CONF_DIR, build_data
 
 
 def losses(text: Path, steps: int, lr: float, variant: str, overrides: list[str]) -> list[float]:
@@ -40,7 +40,7 @@ def losses(text: Path, steps: int, lr: float, variant: str, overrides: list[str]
             "experiment=lesson6_lstm", f"data.path={text}", "data.cache_dir=/tmp/l7cache", "model.cell=loop",
             "model.dropout=0.0", f"optim.lr={lr}", f"trainer.compile={mode}", *overrides])
     torch.manual_seed(cfg.seed)
-    data = instantiate(cfg.data, device="cpu", seed=cfg.seed)
+    data = build_data(cfg, "cpu")
     model = instantiate(cfg.model, **data.model_args())
     if variant == "nudged":
         with torch.no_grad():

@@ -139,7 +139,7 @@ def graphed(out: Path, steps: int, overrides: list[str]) -> dict:
 
     from lesson7_sweeps import graphs, runner
     from lesson7_sweeps.optim import build_optimizer
-    from lesson7_sweeps.train import CONF_DIR, pick_device
+    from lesson7_sweeps.train import CONF_DIR, build_data, pick_device
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["tracking=none", "model.cell=loop", "model.dropout=0.0", *overrides])
@@ -151,7 +151,7 @@ def graphed(out: Path, steps: int, overrides: list[str]) -> dict:
         tc = cfg.trainer.copy()
         tc.cuda_graph = side != "eager"
         torch.manual_seed(cfg.seed)
-        data = instantiate(cfg.data, device=device, seed=cfg.seed)
+        data = build_data(cfg, device)
         model = instantiate(cfg.model, **data.model_args()).to(device)
         optimizer = build_optimizer(cfg.optim, model, fused=tc.cuda_graph)
         runner.set_lr(optimizer, 1.0)
