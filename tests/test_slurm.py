@@ -144,7 +144,7 @@ def assert_steps_once(client: MlflowClient, run_id: str, epochs: int) -> None:
 
 
 def test_a_requeued_trial_saves_a_checkpoint_and_its_next_job_continues_the_same_run(tmp_path: Path):
-    proc = subprocess.Popen(sweep_cmd_on_slurm(tmp_path, 2, 25), cwd=tmp_path, text=True,
+    proc = subprocess.Popen(sweep_cmd_on_slurm(tmp_path, 2, 80), cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = training_run(tmp_path, 0, 3, proc)
     job = first.data.tags["slurm_job_id"]
@@ -159,7 +159,7 @@ def test_a_requeued_trial_saves_a_checkpoint_and_its_next_job_continues_the_same
     assert job_states(job)[0] == "REQUEUED" and job_states(job)[-1] == "COMPLETED"
     log = (tmp_path / "multirun" / "0" / "train.log").read_text()  # the job's two starts, in Hydra's job log
     assert f"resuming MLflow run {first.info.run_id} from checkpoints/last.pt" in log
-    assert_steps_once(client, first.info.run_id, 25)
+    assert_steps_once(client, first.info.run_id, 80)
     assert found[0].value == runs[0].data.metrics["val_loss"] == metric(client, first.info.run_id, "val_loss")[
         max(found[0].intermediate_values)]
     assert queue_empty(tmp_path)
