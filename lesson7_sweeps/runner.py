@@ -201,6 +201,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
 
     def save(name: str, epoch: int, batch: int) -> None:
         log_landed(wait=True)
+        logger.flush()  # the stored metrics reach at least as far as the checkpoint
         check_finite()  # never save a diverged model over the last good one
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "config": OmegaConf.to_container(cfg, resolve=True), "epoch": epoch, "batch": batch,

@@ -44,6 +44,7 @@ class Logger(Protocol):
     def resume(self, run_id: str, dest: Path, checkpoint: str, load: Callable[[Path | None], T],
                force: bool = False) -> T: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def flush(self) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_model(self, model: Any) -> None: ...
@@ -71,6 +72,9 @@ class NullLogger:
         raise UserError(f"resume={run_id} needs a tracking store to find the run in; drop tracking=none")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -366,6 +370,15 @@ class MlflowLogger:
         if not batch:
             return
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is stored. Called before a checkpoint: a resumed run
+        replays only the steps after its checkpoint, so a checkpoint stored ahead of the metrics (MLflow's
+        async pool was still writing when a SIGKILL came) would lose those steps for good. A batch that
+        failed stays pending: `close` sends it again."""
+        for op, _ in self._pending:
+            with contextlib.suppress(Exception):
+                op.wait()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():

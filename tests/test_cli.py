@@ -108,4 +108,6 @@ def test_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(monkeypatch, 
         for key in ("train_loss", "lr", "val_loss", "val_accuracy", "val_bpc", "epoch"):
             got = sorted((m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, key))
             want = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, key))
-            assert got == want, (name, key)  # same steps, same values, no duplicates
+            # same steps, same values, no duplicates (a short message: CI prints a full diff of lists)
+            assert got == want, (name, key, "missing", sorted(set(want) - set(got))[:5], "extra",
+                                 sorted(set(got) - set(want))[:5], len(got), len(want))

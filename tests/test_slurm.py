@@ -139,8 +139,10 @@ def assert_steps_once(client: MlflowClient, run_id: str, epochs: int) -> None:
     """Every step of the run logged once, up to the last epoch: nothing lost or repeated across jobs."""
     val = [m.step for m in client.get_metric_history(run_id, "val_loss")]
     train = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    assert len(val) == epochs and len(set(val)) == len(val)
-    assert sorted(train) == list(range(1, max(val) + 1))
+    assert len(val) == epochs and len(set(val)) == len(val), (len(val), len(set(val)))
+    want = list(range(1, max(val) + 1))  # a short message: CI prints a full diff of lists
+    assert sorted(train) == want, ("missing", sorted(set(want) - set(train))[:5], "twice",
+                                   sorted({s for s in train if train.count(s) > 1})[:5])
 
 
 def test_a_requeued_trial_saves_a_checkpoint_and_its_next_job_continues_the_same_run(tmp_path: Path):
