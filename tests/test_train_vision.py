@@ -73,3 +73,35 @@ def test_lesson7_presets_compose_with_the_lesson_settings():
     assert (cfg.data.bs, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == (256, 1e-2, 1e-6, 0.9)
     assert [p.epochs for p in cfg.schedule.phases] == [2, 7, 32] and cfg.trainer.epochs == 41
     assert not cfg.model.running_stats  # the lesson's BnLayer: eval with the last training batch's statistics
+
+
+def test_eval_limit_evaluates_the_first_batches_tta_included(vision_cfg, tmp_path: Path):
+    """data.eval_limit=N on images: every metric, TTA's too, is that of the first N validation
+    batches alone (the same as evaluating a validation set cut to them), and the run is tagged."""
+    import itertools
+
+    import torch
+
+    from lesson7_sweeps.runner import Precision, evaluate
+    from lesson7_sweeps.train import build, build_data
+
+    cfg = vision_cfg("model=convbnnet", "model.layers=[8,16]", "data.eval_limit=1", "data.bs=8")
+    data = build_data(cfg, "cpu")
+    torch.manual_seed(0)
+    model = build(cfg.model, **data.model_args())
+    prec = Precision.choose(cfg.trainer, torch.device("cpu"), image=True)
+    n_valid = len(data.valid)
+    assert n_valid > 1 and data.tta != "none"
+    limited = evaluate(model, data, prec, cfg.data.eval_limit)
+    whole = evaluate(model, data, prec)
+    first = list(itertools.islice(data.valid, 1))
+    data.valid = first  # the validation set cut to its first batch
+    assert evaluate(model, data, prec) == limited != whole
+    assert {"val_loss", "val_accuracy", "val_accuracy_tta"} == set(limited)
+    assert (limited["val_accuracy_tta"] * len(first[0][1])).is_integer()  # a count over that batch's images
+
+    train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("vision").experiment_id])
+    assert run.data.tags["eval_limit"] == f"first 1 of {n_valid} validation batches"
+    assert "val_accuracy_tta" in run.data.metrics

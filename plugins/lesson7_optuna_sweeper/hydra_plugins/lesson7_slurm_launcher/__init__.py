@@ -1,6 +1,7 @@
 """Hydra's submitit SLURM launcher, with a lost job failing only its trial (for any sweeper, Hydra's
 grid one too). Shipped with the Optuna sweeper; it needs hydra-submitit-launcher, which the sweeper
-alone does not: without it this module defines nothing (Hydra's plugin scan imports every module here)."""
+alone does not: without it the class below derives from `object`, which Hydra's plugin scan (it imports
+every module here) passes over, and `hydra/launcher=submitit_slurm` is not a known config at all."""
 
 from __future__ import annotations
 
