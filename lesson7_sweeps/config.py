@@ -452,7 +452,7 @@ def check_objective(objective: Any) -> None:
         _check(objective in OBJECTIVES, "objective", objective, allowed)
         return
     several = f"{allowed}, or a list of several: objective=[val_loss,train_time]"
-    _check(OmegaConf.is_list(objective), "objective", objective, several)
+    _check(OmegaConf.is_list(objective) or isinstance(objective, (list, tuple)), "objective", objective, several)
     names = objective_names(objective)
     shown = f"[{','.join(names)}]"
     unknown = [n for n in names if n not in OBJECTIVES]
