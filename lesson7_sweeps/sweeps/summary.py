@@ -95,6 +95,11 @@ class Summary:
         return self.objectives[0] if self.objectives else "objective"
 
     @property
+    def ways(self) -> list[str]:
+        """The direction of each objective."""
+        return self.direction.split(",")
+
+    @property
     def front(self) -> pd.DataFrame:
         """With several objectives, the trials on the Pareto front, in the table's order."""
         return self.table[self.table[PARETO] == ON_FRONT]
@@ -269,8 +274,7 @@ def _objective_vs_params(summary: Summary, done: pd.DataFrame, out: Path) -> Pat
             if ticks is not None:
                 ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
             ax.set(xlabel=_plain(name), ylabel=_plain(summary.primary))
-        way = summary.direction.split(",")[0]
-        fig.suptitle(f"{_plain(summary.primary)} ({_plain(way)}) vs each swept parameter")
+        fig.suptitle(f"{_plain(summary.primary)} ({_plain(summary.ways[0])}) vs each swept parameter")
         fig.savefig(out / "objective_vs_params.png", dpi=100)
     finally:
         plt.close(fig)
@@ -288,7 +292,7 @@ def _parallel_coordinates(summary: Summary, done: pd.DataFrame, out: Path) -> Pa
     scaled = {n: _scale(columns[n][0]) for n in names}
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 1), 4), layout="constrained")
     try:
-        cmap = plt.get_cmap("viridis_r" if summary.direction.split(",")[0] == "minimize" else "viridis")
+        cmap = plt.get_cmap("viridis_r" if summary.ways[0] == "minimize" else "viridis")
         lo, hi = done[summary.primary].min(), done[summary.primary].max()
         if lo == hi:  # one finished trial (or all equal): the colour bar still needs a range
             lo, hi = lo - (abs(lo) * 0.05 or 1), hi + (abs(hi) * 0.05 or 1)
@@ -320,7 +324,7 @@ def _pareto_plot(summary: Summary, done: pd.DataFrame, out: Path) -> Path:
     x, y = summary.objectives[:2]
     finished = summary.table[(summary.table["status"] == "FINISHED") & summary.table[[x, y]].notna().all(axis=1)]
     front = summary.front.sort_values(x)
-    ways = summary.direction.split(",")
+    ways = summary.ways
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
     try:
         ax.scatter(finished[x], finished[y], color="tab:gray", alpha=0.6, label="finished trial")
