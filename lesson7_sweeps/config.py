@@ -32,13 +32,15 @@ def compile_mode(setting: str) -> str:
 
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-# what `objective` may name, and which way a sweep optimises it
-OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize"}
+# what `objective` may name, and which way a sweep optimises it; a list of them is a multi-objective
+# sweep (a Pareto front), e.g. quality vs speed: [val_loss, train_time]
+OBJECTIVES = {"val_loss": "minimize", "val_bpc": "minimize", "val_accuracy": "maximize", "val_accuracy_tta": "maximize",
+              "train_time": "minimize", "throughput": "maximize"}
 TTA_MODES = ("lesson", "views", "none")
 VAL_AVERAGES = ("samples", "batches")  # how val_loss / val_accuracy weigh the validation batches
 # what each kind of data reports (val_accuracy_tta unless data.tta=none)
-DATA_METRICS = {"text": ("val_loss", "val_bpc", "val_accuracy"),
-                "image": ("val_loss", "val_accuracy", "val_accuracy_tta")}
+DATA_METRICS = {"text": ("val_loss", "val_bpc", "val_accuracy", "train_time", "throughput"),
+                "image": ("val_loss", "val_accuracy", "val_accuracy_tta", "train_time", "throughput")}
 SEED_RANGE = 2**32  # numpy's seeds are 32-bit
 
 
@@ -434,6 +436,32 @@ def _unknown_keys(node: DictConfig, prefix: str) -> list[str]:
     return out
 
 
+def objective_names(objective: Any) -> list[str]:
+    """The metric names `objective` gives: one name, or a list of them (several objectives)."""
+    return [objective] if isinstance(objective, str) else [str(o) for o in objective]
+
+
+def is_multi_objective(objective: Any) -> bool:
+    return not isinstance(objective, str)
+
+
+def check_objective(objective: Any) -> None:
+    """One name of OBJECTIVES, or a list of two or more different ones."""
+    allowed = f"use one of {', '.join(OBJECTIVES)}"
+    if isinstance(objective, str):
+        _check(objective in OBJECTIVES, "objective", objective, allowed)
+        return
+    several = f"{allowed}, or a list of several: objective=[val_loss,train_time]"
+    _check(OmegaConf.is_list(objective) or isinstance(objective, (list, tuple)), "objective", objective, several)
+    names = objective_names(objective)
+    shown = f"[{','.join(names)}]"
+    unknown = [n for n in names if n not in OBJECTIVES]
+    _check(not unknown, "objective", shown, f"{unknown[0] if unknown else ''} is not an objective; {several}")
+    _check(len(set(names)) == len(names), "objective", shown, "name each objective once")
+    _check(len(names) >= 2, "objective", shown, "a list names two or more objectives (a Pareto front); "
+           f"for one, write objective={names[0] if names else 'val_loss'}")
+
+
 def data_kind(cfg: DictConfig) -> str:
     """'text' or 'image': which models and metrics fit the chosen data."""
     return "text" if OmegaConf.get_type(cfg.data) is TextDataConfig else "image"
@@ -445,7 +473,7 @@ def validate(cfg: DictConfig) -> None:
            "use an integer in [0, 2**32) (numpy's seed range)")
     _check(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume, "give an MLflow run id")
     _check(isinstance(cfg.force_resume, bool), "force_resume", cfg.force_resume, "use true or false")
-    _check(cfg.objective in OBJECTIVES, "objective", cfg.objective, f"use one of {', '.join(OBJECTIVES)}")
+    check_objective(cfg.objective)
     for group in SCHEMAS:
         unknown = _unknown_keys(cfg[group], group)
         if unknown:
@@ -468,5 +496,6 @@ def validate(cfg: DictConfig) -> None:
     _check(kind != "text" or sample.chars == 0 or sample.prompt != "", "trainer.sample.prompt", sample.prompt,
            "a sample continues a prompt: give one of at least one character, or trainer.sample.chars=0")
     metrics = [m for m in DATA_METRICS[kind] if m != "val_accuracy_tta" or cfg.data.tta != "none"]
-    _check(cfg.objective in metrics, "objective", cfg.objective,
-           f"{kind} data{' with data.tta=none' if kind == 'image' else ''} reports only {', '.join(metrics)}")
+    for name in objective_names(cfg.objective):
+        _check(name in metrics, "objective", name,
+               f"{kind} data{' with data.tta=none' if kind == 'image' else ''} reports only {', '.join(metrics)}")

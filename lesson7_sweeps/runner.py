@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import fast, graphs
-from lesson7_sweeps.config import compile_mode
+from lesson7_sweeps.config import compile_mode, is_multi_objective
 from lesson7_sweeps.models.rnn import generate
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.tracking import Logger
@@ -158,7 +158,8 @@ def _progress(iterable: Any, enabled: str, desc: str, total: int, initial: int) 
 def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, schedule: Schedule,
         logger: Logger, out_dir: Path, start: dict[str, Any] | None = None,
         report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
-    """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics.
+    """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics
+    with the last epoch's throughput and the train_time so far.
 
     `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop.
     `report(step, objective)` is called after each evaluation (a sweeper's pruner); True stops
@@ -180,6 +181,9 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         smooth.fill_(start["smooth"])
         first_bad.fill_(start["first_bad"])
         metrics = start["metrics"]
+        # the time of the epochs the checkpoint completed (its metrics; a checkpoint of an earlier
+        # version has none): train_time is an objective, a resumed trial must not look faster
+        train_time = metrics.get("train_time", 0.0)
         ckpt.set_rng_states(start["rng"])
 
     def check_finite(bad: float | None = None) -> None:  # without `bad`: a host sync (epoch ends, saves)
@@ -252,7 +256,8 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                         model.h = hidden
                     logger.log_metrics(metrics, step)
                     paused += time.perf_counter() - began
-                    if report is not None and report(step, metrics[cfg.objective]):
+                    # (a timing objective is known at epoch ends only)
+                    if report is not None and cfg.objective in metrics and report(step, metrics[cfg.objective]):
                         stop = evaluated = True
                         break
             check_finite()  # also waits for the device, so the clock below is honest
@@ -262,10 +267,12 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             log_landed(wait=True)
             bar.close()
             batch0 = 0
-            metrics = metrics if evaluated else validate()
-            logger.log_metrics({**({} if evaluated else metrics), "epoch": epoch + 1, "throughput": throughput,
-                                "train_time": train_time}, step)
-            log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            evaluation = {} if evaluated else validate()
+            logger.log_metrics({**evaluation, "epoch": epoch + 1, "throughput": throughput, "train_time": train_time},
+                               step)
+            log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                        (evaluation or metrics).items()))
+            metrics = {**metrics, **evaluation, "throughput": throughput, "train_time": train_time}
             stop = stop or (report is not None and report(step, metrics[cfg.objective]))
             if stop or epoch + 1 == tc.epochs:
                 break
@@ -286,7 +293,8 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
         if signals:  # during the last evaluation or the sample: resume finds training done
             save("last.pt", epoch + 1, 0)
             raise ckpt.stopping(signals, saved=True)
-    logger.log_metrics({"objective": metrics[cfg.objective]}, step)  # one name, whatever the objective
+    if not is_multi_objective(cfg.objective):  # one name, whatever the objective (several keep their own)
+        logger.log_metrics({"objective": metrics[cfg.objective]}, step)
     return metrics
 
 

@@ -630,15 +630,21 @@ def heartbeat_age(run: Any) -> float | None:
     return None if run.info.status != "RUNNING" or beat is None else time.time() - float(beat)
 
 
-def finished_objective(uri: str | None, run_id: str) -> float | None:
+def finished_objective(uri: str | None, run_id: str, names: list[str] | None = None) -> float | list[float] | None:
     """The objective of a run that already ended FINISHED (a requeued trial whose first job finished
-    it as the time limit's signal came), else None: the trial still has training left."""
+    it as the time limit's signal came), else None: the trial still has training left. `names`: the
+    metrics of several objectives, whose values it returns in that order."""
     from mlflow import MlflowClient
 
     if uri is None:
         return None
     run = MlflowClient(uri).get_run(run_id)
-    return run.data.metrics.get("objective") if run.info.status == "FINISHED" else None
+    if run.info.status != "FINISHED":
+        return None
+    if names is None:
+        return run.data.metrics.get("objective")
+    values = [run.data.metrics.get(n) for n in names]
+    return None if None in values else values
 
 
 def fail_runs(uri: str, run_ids: list[str], reason: str) -> None:

@@ -28,7 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from lesson7_sweeps import checkpoint as ckpt
 from lesson7_sweeps import runner
 from lesson7_sweeps.checkpoint import Interrupted
-from lesson7_sweeps.config import CONF_DIR, compile_mode, register_schemas, validate
+from lesson7_sweeps.config import (
+    CONF_DIR,
+    compile_mode,
+    is_multi_objective,
+    objective_names,
+    register_schemas,
+    validate,
+)
 from lesson7_sweeps.errors import CheckpointError, ConfigError, DataError, UserError
 from lesson7_sweeps.memory import check_fits
 from lesson7_sweeps.optim import build_optimizer
@@ -119,11 +126,12 @@ def run_tags(device: torch.device) -> dict[str, str]:
 
 
 class Outcome(NamedTuple):
-    objective: float  # the final value of cfg.objective (lr finder: the suggested lr)
+    # the final value of cfg.objective, one per objective when it is a list (lr finder: the suggested lr)
+    objective: float | list[float]
     run_id: str | None  # the MLflow run (None with tracking=none)
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float | list[float]:
     """Build everything from `cfg`, fit, and return the objective (what sweepers minimise)."""
     return train_run(cfg).objective
 
@@ -201,8 +209,11 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
                 result = runner.lr_find(cfg, model, data, optimizer, logger, out_dir)
             else:
                 report = reporter_for_job(logger.run_id)  # an Optuna trial: report evaluations, stop if pruned
-                result = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start,
-                                    report)[cfg.objective]
+                # Optuna prunes single-objective studies only (trial.report refuses several objectives)
+                multi = is_multi_objective(cfg.objective)
+                metrics = runner.fit(cfg, model, data, optimizer, schedule, logger, out_dir, start,
+                                     None if multi else report)
+                result = [metrics[m] for m in objective_names(cfg.objective)] if multi else metrics[cfg.objective]
                 pruned = report is not None and report.pruned
                 if pruned:
                     sweep.mark_pruned(logger)
@@ -225,7 +236,7 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     return Outcome(result, logger.run_id)
 
 
-def resume_run(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
+def resume_run(cfg: DictConfig, tags: dict[str, str] | None = None) -> float | list[float]:
     """`lesson7-train resume=RUN_ID [SAFE OVERRIDES]`: continue that run in the store at tracking.uri,
     with the run's own config (rebuilt from its artifacts as data), from its last checkpoint; `tags`
     are set on it."""
@@ -239,12 +250,13 @@ def resume_run(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     """The Hydra task. A failed trial of a multirun returns +inf so the sweep goes on."""
     try:
         continued = None if cfg.resume is not None else run_to_continue()  # an Optuna trial SLURM requeued
         if continued is not None:  # continues its run; the attempt before it is gone (SLURM ended it first)
-            done = finished_objective(cfg.tracking.get("uri"), continued)
+            several = objective_names(cfg.objective) if is_multi_objective(cfg.objective) else None
+            done = finished_objective(cfg.tracking.get("uri"), continued, several)
             if done is not None:  # the time limit's signal reached the job as it exited: nothing left to train
                 return done
             cfg.resume, cfg.force_resume = continued, True

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from hydra_plugins.lesson7_optuna_sweeper import OptunaSweepCallback
+from lesson7_sweeps.config import is_multi_objective, objective_names
 from lesson7_sweeps.sweeps import parent
+from lesson7_sweeps.sweeps.optuna_study import is_optuna_sweep
+
+log = logging.getLogger(__name__)
+
+
+def _unused_pruner(config: DictConfig) -> None:
+    """Optuna prunes single-objective studies only (trial.report refuses several objectives), so the
+    trials of a multi-objective sweep report nothing and train to their end. Said, not refused: the
+    sweeper's default pruner is median, and a list objective should run as typed."""
+    sweeper = config.hydra.sweeper
+    if is_multi_objective(config.objective) and is_optuna_sweep(sweeper) and sweeper.pruner != "none":
+        log.warning("hydra.sweeper.pruner=%s is not used: Optuna prunes single-objective studies only, and "
+                    "objective=[%s] is several; every trial trains to its end (hydra.sweeper.pruner=none: no note)",
+                    sweeper.pruner, ",".join(config.objective))
 
 
 class SweepParentRun(OptunaSweepCallback):
@@ -23,6 +39,8 @@ class SweepParentRun(OptunaSweepCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.tracking = config.tracking
+        self.objectives = objective_names(config.objective)
+        _unused_pruner(config)
         parent.start(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -30,10 +48,10 @@ class SweepParentRun(OptunaSweepCallback):
 
     # ---- the Optuna sweeper's calls ----
 
-    def default_direction(self, config: DictConfig) -> str | None:
-        from lesson7_sweeps.config import OBJECTIVES
+    def default_direction(self, config: DictConfig) -> str | list[str] | None:
+        from lesson7_sweeps.sweeps.optuna_study import direction
 
-        return OBJECTIVES[config.objective]  # losses down, accuracies up
+        return direction(config.hydra.sweeper, config.objective)  # losses down, accuracies up; one per objective
 
     def on_trials_failed(self, study: Any, trials: list[Any], why: str) -> None:
         from lesson7_sweeps.sweeps.optuna_trial import fail_trial_runs
@@ -56,7 +74,7 @@ class SweepParentRun(OptunaSweepCallback):
 
         run = parent.current()
         if run is not None:
-            for path in write_report(study, sweep_dir / "optuna"):
+            for path in write_report(study, sweep_dir / "optuna", self.objectives):
                 run.log_artifact(path, "optuna")
 
     def on_sweep_cancelled(self, reason: str) -> None:

@@ -4,6 +4,8 @@ its settings, with the project's ConfigError."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import DictConfig
 
 from hydra_plugins.lesson7_optuna_sweeper import SweeperError
@@ -17,23 +19,31 @@ from hydra_plugins.lesson7_optuna_sweeper.study import (  # noqa: F401 (re-expor
     sampler_config,
     storage_url,
 )
-from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.config import OBJECTIVES, check_objective, is_multi_objective, objective_names
 from lesson7_sweeps.errors import ConfigError
 
 
-def direction(sweeper: DictConfig, objective: str) -> str:
-    """The sweep's direction: hydra.sweeper.direction, else the objective's (losses down, accuracies up)."""
+def direction(sweeper: DictConfig, objective: Any) -> str | list[str]:
+    """The sweep's direction: hydra.sweeper.direction, else the objective's (losses down, accuracies up,
+    time down); a list, one each, when `objective` is a list of several."""
+    check_objective(objective)  # (pre-flight checks the sweeper before composing each job's config)
+    names = objective_names(objective)
+    ways = [OBJECTIVES[n] for n in names]
     try:
-        found = directions(sweeper, OBJECTIVES[objective])
+        found = directions(sweeper, ways if is_multi_objective(objective) else ways[0])
     except SweeperError as e:
         raise ConfigError(str(e)) from None
-    if len(found) != 1:
+    if len(found) == len(names):
+        return found if is_multi_objective(objective) else found[0]
+    if len(names) == 1:
         raise ConfigError(f"hydra.sweeper.direction={sweeper.direction}: lesson7-train returns one objective "
                           f"({objective}), so give one direction")
-    return found[0]
+    raise ConfigError(f"hydra.sweeper.direction={sweeper.direction} gives {len(found)} direction(s) for the "
+                      f"{len(names)} objectives [{','.join(names)}]: give one each, e.g. [{','.join(ways)}], or "
+                      f"leave it unset (each objective's own way)")
 
 
-def check_optuna(settings: DictConfig, launcher: DictConfig, objective: str, arguments: list[str]) -> None:
+def check_optuna(settings: DictConfig, launcher: DictConfig, objective: Any, arguments: list[str]) -> None:
     """Every setting of an Optuna sweep and its search space (`hydra.sweeper.params`, then the command
     line's `arguments`), checked before any store, study or run exists (lesson7-train's pre-flight);
     ConfigError in one line."""

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lesson7_sweeps import checkpoint as ckpt
-from lesson7_sweeps.config import OBJECTIVES
+from lesson7_sweeps.config import OBJECTIVES, objective_names
 from lesson7_sweeps.errors import UserError
 from lesson7_sweeps.sweeps.names import format_value, short_names
 from lesson7_sweeps.sweeps.ui import sweep_view_tag, sweep_view_url
@@ -76,10 +76,13 @@ def sweep_key(hc: DictConfig) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def direction(objective: str, hc: DictConfig | None = None) -> str:
-    """minimize or maximize: the sweeper's `direction` when it has one set, else the objective's way."""
+def directions(objective: Any, hc: DictConfig | None = None) -> list[str]:
+    """minimize or maximize, one per objective: the sweeper's `direction` when it has one set, else
+    each objective's way."""
     chosen = hc.sweeper.get("direction") if hc is not None else None
-    return str(chosen) if chosen else OBJECTIVES[objective]
+    if chosen:
+        return [str(d) for d in chosen] if OmegaConf.is_list(chosen) else [str(chosen)]
+    return [OBJECTIVES[name] for name in objective_names(objective)]
 
 
 def is_multirun() -> bool:
@@ -94,7 +97,7 @@ class Parent:
     logger: MlflowLogger  # writes into the parent run
     sweep_id: str
     spec: SweepSpec
-    objective: str
+    objective: str  # the objective's name, or several comma-joined
     experiment_id: str
     handed_over: str | None = None  # why another sweeper of the study ends this parent, not this process
 
@@ -138,6 +141,7 @@ def _start(cfg: DictConfig) -> None:
     global _active
     hc = cfg.hydra
     spec, key = sweep_spec(hc), sweep_key(hc)
+    objective, ways = ",".join(objective_names(cfg.objective)), directions(cfg.objective, hc)
     t = cfg.tracking
     logger = MlflowLogger(t.uri, t.experiment, t.artifact_location, run_name=None, heartbeat_s=t.heartbeat_s,
                           stale_after_s=t.stale_after_s)
@@ -156,10 +160,10 @@ def _start(cfg: DictConfig) -> None:
                   **{f"fixed.{k}": v for k, v in spec.fixed.items()},
                   **{f"sweeper.{k}": v for k, v in flatten(hc.sweeper).items() if k != "params"},
                   **{f"launcher.{k}": v for k, v in flatten(hc.launcher).items()},
-                  "objective": cfg.objective}
+                  "objective": objective}
         tags = {**git_tags(), "run_type": "sweep", "sweep_id": sweep_id, "sweep_key": key,
                 "sweep_dir": os.path.abspath(str(hc.sweep.dir)), "swept": ",".join(spec.swept),
-                "objective": cfg.objective, "direction": direction(cfg.objective, hc),
+                "objective": objective, "direction": ",".join(ways),
                 "sweeper": str(hc.sweeper._target_), "launcher": str(hc.launcher._target_),
                 "hydra_overrides": " ".join(hc.overrides.task)}
         logger.start(name, params, tags)
@@ -177,8 +181,9 @@ def _start(cfg: DictConfig) -> None:
             params_swept = [k for k in spec.swept if k not in hc.runtime.choices]  # group choices are tags
             logger.set_experiment_tag(*sweep_view_tag(sweep_id, name, params_swept,
                                                       created_ms=int(time.time() * 1000),
-                                                      lower_is_better=direction(cfg.objective, hc) == "minimize"))
-    _active = Parent(logger, sweep_id, spec, cfg.objective, experiment_id)
+                                                      lower_is_better=ways[0] == "minimize",
+                                                      objectives=objective_names(cfg.objective)))
+    _active = Parent(logger, sweep_id, spec, objective, experiment_id)
 
 
 CLAIM = "parent_claim"  # a param of a new study's parent: won | lost (MLflow never changes a param)

@@ -15,18 +15,22 @@ import math
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from lesson7_sweeps.config import OBJECTIVES
 from lesson7_sweeps.sweeps.names import printable, short_names
 from lesson7_sweeps.tracking import MlflowLogger
 
 log = logging.getLogger(__name__)
 ENDED_WELL = ("FINISHED", "PRUNED")  # a pruned trial ended normally, stopped early on purpose
 COLUMNS = ("trial", "run_id", "run_name", "objective", "status", "duration_s", "steps")
+PARETO, ON_FRONT = "pareto", "✓"  # with several objectives: the column (after theirs) marking the Pareto front
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP)
 _PAGE = """<h3>{{ title }}</h3>
 <table border="0" class="dataframe">
@@ -82,7 +86,23 @@ class Summary:
     title: str
     table: pd.DataFrame  # one row per trial, best first (see COLUMNS)
     swept: list[str]  # the swept keys' short names (columns of `table`)
-    direction: str
+    direction: str  # minimize | maximize; with several objectives one each, comma-joined
+    objectives: tuple[str, ...] = ()  # several objectives: their names (columns of `table`, then PARETO)
+
+    @property
+    def primary(self) -> str:
+        """The column of the (first) objective: what the plots colour and sort by."""
+        return self.objectives[0] if self.objectives else "objective"
+
+    @property
+    def ways(self) -> list[str]:
+        """The direction of each objective."""
+        return self.direction.split(",")
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """With several objectives, the trials on the Pareto front, in the table's order."""
+        return self.table[self.table[PARETO] == ON_FRONT]
 
     @property
     def n_trials(self) -> int:
@@ -110,21 +130,46 @@ class Summary:
 
     def print(self, top: int = 5) -> None:
         render(self.table.head(top), f"{self.title}: top {min(top, self.n_trials)} of {self.n_trials} trials")
-        best = self.best
         n = self.counts
         print(f"{n['n_trials']} trials: {n['n_finished']} finished, {n['n_pruned']} pruned, {n['n_failed']} failed, "
               f"{n['n_killed']} killed")
+        if self.objectives:
+            front = self.front
+            print(f"Pareto front: {len(front)} trials: " + "; ".join(
+                f"{printable(r['run_id'])} ({printable(r['run_name'])}), "
+                + ", ".join(f"{printable(o)} {r[o]:.6g}" for o in self.objectives) for _, r in front.iterrows())
+                  if len(front) else "Pareto front: none (no trial finished)")
+            return
+        best = self.best
         print(f"best run: {printable(best['run_id'])} ({printable(best['run_name'])}), objective "
               f"{best['objective']:.6g}" if best is not None else "best run: none (no trial finished)")
+
+
+def pareto_front(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Which rows of `values` (trials x objectives) are on the Pareto front, as Optuna's best_trials:
+    no other row is as good in every objective and better in one. Equal rows are on it together;
+    a row with a NaN or an infinity is not, and beats none."""
+    loss = np.where(np.array(directions) == "maximize", -values, values).astype(float)
+    finite = np.isfinite(loss).all(axis=1)
+    cand = loss[finite]
+    # [i, j]: trial j dominates trial i
+    dominates = (cand[None, :, :] <= cand[:, None, :]).all(-1) & (cand[None, :, :] < cand[:, None, :]).any(-1)
+    front = np.zeros(len(loss), dtype=bool)
+    front[finite] = ~dominates.any(axis=1)
+    return front
 
 
 def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
     """The trials of the sweep whose parent run is `parent` (an MLflow Run), best first."""
     tags = parent.data.tags
     swept = [k for k in tags.get("swept", "").split(",") if k]
+    names = [n for n in tags.get("objective", "").split(",") if n]
+    several = tuple(names) if len(names) > 1 else ()  # their metrics by name, else the one `objective`
+    values = list(several) or ["objective"]
+    fixed = [*COLUMNS[:3], *values, *([PARETO] if several else []), *COLUMNS[4:]]
     # a swept key named like a fixed column (objective, run_name...) keeps its full name, prefixed
-    short = {k: f"swept.{k}" if v in COLUMNS else v for k, v in short_names(swept).items()}
-    minimize = tags.get("direction", "minimize") == "minimize"
+    short = {k: f"swept.{k}" if v in fixed else v for k, v in short_names(swept).items()}
+    ways = tags.get("direction", "minimize").split(",")
     rows = []
     for run in logger.search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                              experiment_id=parent.info.experiment_id):
@@ -133,33 +178,41 @@ def trial_table(logger: MlflowLogger, parent: Any) -> Summary:
                                "run_id": info.run_id, "run_name": info.run_name}
         for key in swept:  # a group choice (model=gru,lstm) is a tag, a value a param
             row[short[key]] = run.data.params.get(key, t.get(f"choice.{key}"))
-        objective = run.data.metrics.get("objective")
-        row["objective"] = objective if objective is not None and math.isfinite(objective) else None
+        for name in values:
+            value = run.data.metrics.get(name)
+            row[name] = value if value is not None and math.isfinite(value) else None
         row["status"] = "PRUNED" if t.get("trial_state") == "PRUNED" else info.status
         row["duration_s"] = round((info.end_time - info.start_time) / 1000, 1) if info.end_time else None
         row["steps"] = logger.last_step(info.run_id, "epoch")
         rows.append(row)
-    columns = [*COLUMNS[:3], *short.values(), *COLUMNS[3:]]
+    columns = [*fixed[:3], *short.values(), *fixed[3:]]
     table = pd.DataFrame(rows, columns=columns)
     # best first: finished by objective, then pruned, then the rest; ties by trial number
     rank = table["status"].map({"FINISHED": 0, "PRUNED": 1}).fillna(2)
-    key = table["objective"] if minimize else -table["objective"]
+    if several:  # the Pareto front first (of the finished trials: a pruned one's values are from earlier)
+        done = (table["status"] == "FINISHED").to_numpy()
+        on_front = np.zeros(len(table), dtype=bool)
+        on_front[done] = pareto_front(table.loc[done, values].to_numpy(dtype=float), ways)
+        table[PARETO] = np.where(on_front, ON_FRONT, "")
+        rank = rank - 0.5 * on_front
+    key = table[values[0]] if ways[0] == "minimize" else -table[values[0]]
     table = table.assign(_r=rank, _k=key).sort_values(["_r", "_k", "trial"], na_position="last")
     table = table.drop(columns=["_r", "_k"]).reset_index(drop=True)
     table["trial"] = table["trial"].astype("Int64")
     table["steps"] = table["steps"].astype("Int64")
     title = f"{parent.info.run_name} ({parent.info.run_id}, objective {tags.get('objective')} {tags.get('direction')})"
-    return Summary(parent.info.run_id, title, table, list(short.values()), tags.get("direction", "minimize"))
+    return Summary(parent.info.run_id, title, table, list(short.values()), tags.get("direction", "minimize"), several)
 
 
 def write_summary(parent: Any) -> Summary:
     """Log the summary onto the sweep's parent run (a sweeps.parent.Parent): summary.csv,
-    summary.html, best_* tags, counts, then the plots; and tag the best trial best=true. A plot that
-    fails loses only itself (a warning), never the table, the tags or the other plot."""
+    summary.html, best_* tags, counts, then the plots; and tag the best trial best=true. With several
+    objectives, best_run_id is the Pareto front's run ids, comma-joined, each tagged best=true. A plot
+    that fails loses only itself (a warning), never the table, the tags or the other plots."""
     logger = parent.logger
     (run,) = logger.search(f"attributes.run_id = '{parent.run_id}'")
     summary = trial_table(logger, run)
-    best = summary.best
+    best = None if summary.objectives else summary.best
     with tempfile.TemporaryDirectory(prefix="lesson7-summary-") as tmp:
         out = Path(tmp)
         csv_safe(summary.table).to_csv(out / "summary.csv", index=False)
@@ -170,6 +223,11 @@ def write_summary(parent: Any) -> Summary:
         if best is not None:
             logger.set_tags({"best_run_id": best["run_id"], "best_value": repr(float(best["objective"]))})
             logger.set_tags({"best": "true"}, run_id=best["run_id"])
+        front = list(summary.front["run_id"]) if summary.objectives else []
+        if front:
+            logger.set_tags({"best_run_id": ",".join(front)})
+        for run_id in front:
+            logger.set_tags({"best": "true"}, run_id=run_id)
         for path in plots(summary, out):
             logger.log_artifact(path)
     return summary
@@ -177,13 +235,15 @@ def write_summary(parent: Any) -> Summary:
 
 def plots(summary: Summary, out: Path) -> list[Path]:
     """objective_vs_params.png (one panel per swept parameter) and parallel_coordinates.png (each
-    finished trial a line across the swept parameters, coloured by the objective); the ones drawn.
-    A plot that fails is left out with a warning: it never costs the other one, or the summary."""
-    done = summary.table[summary.table["objective"].notna()]
-    if done.empty or not summary.swept:
+    finished trial a line across the swept parameters, coloured by the objective; the first of
+    several); with several objectives pareto_front.png; the ones drawn. A plot that fails is left
+    out with a warning: it never costs the others, or the summary."""
+    done = summary.table[summary.table[summary.primary].notna()]
+    if done.empty:
         return []
     drawn = []
-    for plot in (_objective_vs_params, _parallel_coordinates):
+    wanted = [_objective_vs_params, _parallel_coordinates] if summary.swept else []
+    for plot in wanted + ([_pareto_plot] if summary.objectives else []):
         try:
             drawn.append(plot(summary, done, out))
         except Exception as e:  # matplotlib's own errors share no base class
@@ -210,11 +270,11 @@ def _objective_vs_params(summary: Summary, done: pd.DataFrame, out: Path) -> Pat
     try:
         for ax, name in zip(axs[0], summary.swept):
             x, ticks = _axis(done[name])
-            ax.scatter(x, done["objective"], color="tab:blue")
+            ax.scatter(x, done[summary.primary], color="tab:blue")
             if ticks is not None:
                 ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
-            ax.set(xlabel=_plain(name), ylabel="objective")
-        fig.suptitle(f"objective ({_plain(summary.direction)}) vs each swept parameter")
+            ax.set(xlabel=_plain(name), ylabel=_plain(summary.primary))
+        fig.suptitle(f"{_plain(summary.primary)} ({_plain(summary.ways[0])}) vs each swept parameter")
         fig.savefig(out / "objective_vs_params.png", dpi=100)
     finally:
         plt.close(fig)
@@ -227,17 +287,17 @@ def _parallel_coordinates(summary: Summary, done: pd.DataFrame, out: Path) -> Pa
     import matplotlib
 
     plt = _pyplot()
-    names = [*summary.swept, "objective"]
+    names = [*summary.swept, summary.primary]
     columns = {n: _axis(done[n]) for n in names}
     scaled = {n: _scale(columns[n][0]) for n in names}
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 1), 4), layout="constrained")
     try:
-        cmap = plt.get_cmap("viridis_r" if summary.direction == "minimize" else "viridis")
-        lo, hi = done["objective"].min(), done["objective"].max()
+        cmap = plt.get_cmap("viridis_r" if summary.ways[0] == "minimize" else "viridis")
+        lo, hi = done[summary.primary].min(), done[summary.primary].max()
         if lo == hi:  # one finished trial (or all equal): the colour bar still needs a range
             lo, hi = lo - (abs(lo) * 0.05 or 1), hi + (abs(hi) * 0.05 or 1)
         norm = matplotlib.colors.Normalize(lo, hi)
-        for i, value in enumerate(done["objective"]):
+        for i, value in enumerate(done[summary.primary]):
             ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(value)), alpha=0.8)
         for j, n in enumerate(names):
             ax.axvline(j, color="grey", lw=0.8)
@@ -249,12 +309,36 @@ def _parallel_coordinates(summary: Summary, done: pd.DataFrame, out: Path) -> Pa
         ax.set_xticks(range(len(names)), [_plain(n) for n in names])
         # the scaled axes and their labels, also when every line is flat (one trial)
         ax.set(yticks=[], ylim=(-0.05, 1.05), xlim=(-0.1, len(names) - 0.7))
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective")
-        ax.set_title("trials across the swept parameters (colour: objective)")
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_plain(summary.primary))
+        ax.set_title(f"trials across the swept parameters (colour: {_plain(summary.primary)})")
         fig.savefig(out / "parallel_coordinates.png", dpi=100)
     finally:
         plt.close(fig)
     return out / "parallel_coordinates.png"
+
+
+def _pareto_plot(summary: Summary, done: pd.DataFrame, out: Path) -> Path:
+    """The first two objectives: every finished trial a point, the Pareto front highlighted and
+    joined (in the order of the first objective), its trials numbered."""
+    plt = _pyplot()
+    x, y = summary.objectives[:2]
+    finished = summary.table[(summary.table["status"] == "FINISHED") & summary.table[[x, y]].notna().all(axis=1)]
+    front = summary.front.sort_values(x)
+    ways = summary.ways
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    try:
+        ax.scatter(finished[x], finished[y], color="tab:gray", alpha=0.6, label="finished trial")
+        ax.plot(front[x], front[y], "o-", color="tab:red", label="Pareto front")
+        for _, r in front.iterrows():
+            ax.annotate(f"#{r['trial']}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel=f"{_plain(x)} ({_plain(ways[0])})", ylabel=f"{_plain(y)} ({_plain(ways[1])})")
+        more = f"; objectives 1-2 of {len(summary.objectives)}" if len(summary.objectives) > 2 else ""
+        ax.set_title(f"Pareto front: {len(front)} of {len(finished)} finished trials{more}")
+        ax.legend()
+        fig.savefig(out / "pareto_front.png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out / "pareto_front.png"
 
 
 def _plain(label: str) -> str:
@@ -300,7 +384,8 @@ def render(table: pd.DataFrame, title: str) -> None:
     out = Table(title=Text(printable(title)), title_justify="left")
     for column in table.columns:
         out.add_column(Text(printable(column)), no_wrap=column == "run_id",
-                       justify="right" if column in ("trial", "objective", "duration_s", "steps") else "left")
+                       justify="right" if column in ("trial", "objective", "duration_s", "steps", *OBJECTIVES)
+                       else "left")
     exact = [c in ("run_id", "run_name", "sweep") for c in table.columns]  # ids are copied, in full
     for row in table.itertuples(index=False):
         out.add_row(*(Text(_cell(v) if keep else _readable(v)) for v, keep in zip(row, exact)))

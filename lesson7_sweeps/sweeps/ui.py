@@ -37,19 +37,22 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-def sweep_view_state(sweep_id: str, swept: Sequence[str], lower_is_better: bool = True) -> dict:
+def sweep_view_state(sweep_id: str, swept: Sequence[str], lower_is_better: bool = True,
+                     objectives: Sequence[str] = ()) -> dict:
     """The runs page state that shows one sweep: its runs (parent and trials, by their `sweep_id`
     tag) sorted by the objective, the swept params and the objective as columns, and a chart section
-    with the objective in parallel coordinates over the swept params and as bars per trial."""
+    with the objective in parallel coordinates over the swept params and as bars per trial. With
+    several `objectives` (their metric names), those metrics instead, sorted by the first."""
     section = f"sweep-{sweep_id}"
+    metrics = list(objectives) if len(objectives) > 1 else [OBJECTIVE_METRIC]
     # trial_state: PRUNED for a trial the pruner stopped (MLflow shows every such run as FINISHED)
-    columns = [_column("metrics", OBJECTIVE_METRIC), *(_column("params", k) for k in swept),
+    columns = [*(_column("metrics", m) for m in metrics), *(_column("params", k) for k in swept),
                _column("tags", STATE_TAG)]
     card = {"uuid": "", "metricSectionId": section, "deleted": False, "isGenerated": False, "runsCountToCompare": 100}
     return {
         # search facets (what the runs page also reads from its URL)
         "searchFilter": f"tags.sweep_id = '{sweep_id}'",
-        "orderByKey": _column("metrics", OBJECTIVE_METRIC),
+        "orderByKey": _column("metrics", metrics[0]),
         "orderByAsc": lower_is_better,
         "startTime": "ALL",
         "lifecycleFilter": "Active",
@@ -63,8 +66,8 @@ def sweep_view_state(sweep_id: str, swept: Sequence[str], lower_is_better: bool 
         "runsHiddenMode": "SHOW_ALL",  # charts: every trial, not MLflow's first 10
         "compareRunCharts": [
             {**card, "uuid": f"{section}-parallel", "type": "PARALLEL", "selectedParams": list(swept),
-             "selectedMetrics": [OBJECTIVE_METRIC], "showAllRuns": True},
-            {**card, "uuid": f"{section}-bar", "type": "BAR", "metricKey": OBJECTIVE_METRIC},
+             "selectedMetrics": metrics, "showAllRuns": True},
+            {**card, "uuid": f"{section}-bar", "type": "BAR", "metricKey": metrics[0]},
         ],
         "compareRunSections": [
             {"uuid": section, "name": "Sweep", "display": True, "isReordered": False, "deleted": False,
@@ -78,10 +81,10 @@ def sweep_view_state(sweep_id: str, swept: Sequence[str], lower_is_better: bool 
 
 
 def sweep_view_tag(sweep_id: str, name: str, swept: Sequence[str], created_ms: int,
-                   lower_is_better: bool = True) -> tuple[str, str]:
+                   lower_is_better: bool = True, objectives: Sequence[str] = ()) -> tuple[str, str]:
     """(key, value) of the experiment tag that saves the sweep's view under `name` in the UI's Views
     menu; the view's id is the sweep id."""
-    state = json.dumps(sweep_view_state(sweep_id, swept, lower_is_better), separators=(",", ":"))
+    state = json.dumps(sweep_view_state(sweep_id, swept, lower_is_better, objectives), separators=(",", ":"))
     envelope = {"name": name, "createdAt": created_ms, "updatedAt": created_ms, "state": state}
     return VIEW_TAG_PREFIX + sweep_id, json.dumps(envelope, separators=(",", ":"))
 

@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 
 class OptunaSweepCallback(Callback):
-    def default_direction(self, config: DictConfig) -> str | None:
-        """The direction when hydra.sweeper.direction is null (None: minimize)."""
+    def default_direction(self, config: DictConfig) -> str | list[str] | None:
+        """The direction when hydra.sweeper.direction is null (None: minimize); a list, one per value,
+        for a task that returns several."""
         return None
 
     def on_trials_failed(self, study: Any, trials: list[Any], why: str) -> None:
