@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lesson7_sweeps.config import validate
+from lesson7_sweeps.config import data_kind, validate
 from lesson7_sweeps.errors import ConfigError
 from lesson7_sweeps.sweeps.optuna_study import is_optuna_sweep
 
@@ -131,12 +131,26 @@ def _is_hydra(override: str) -> bool:
     return override.lstrip("+~").startswith("hydra")
 
 
+def check_data_source(kind: str, data: Any) -> None:
+    """The data exists and is not empty, checked without reading it (DataError, one line); a public
+    copy of the text is downloaded here, once."""
+    from pathlib import Path
+
+    from lesson7_sweeps.data.cifar.formats import find_source
+    from lesson7_sweeps.data.text import check_source
+
+    if kind == "text":
+        check_source(data.path, data.url, data.cache_dir)
+    elif not data.download:  # images: a download makes any root good
+        find_source(Path(data.root).expanduser(), download=False)
+
+
 def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
     """Raise ConfigError (one line) if any job of this command line would get a bad config."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):
         return  # --help, --cfg, --config-name ...: Hydra's own business
-    stores = []
+    stores, sources = [], []
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         given = [a for a in argv if not a.startswith("-")]
         if flags:  # a multirun: a preset's hydra.sweeper.params are sweeps too
@@ -148,7 +162,11 @@ def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
                 raise ConfigError(_one_line(e)) from None
             validate(cfg)
             stores.append(cfg.tracking)
+            sources.append((data_kind(cfg), cfg.data))
     # a bad tracking.uri or a deleted experiment: one line now, not a traceback after data and model
     # were built (or from the multirun callback); each distinct store once
     for tracking in {OmegaConf.to_yaml(t, resolve=True): t for t in stores}.values():
         instantiate(tracking).check()
+    # missing or empty data: one line now, not every trial of a sweep failing on it in turn
+    for kind, data in {OmegaConf.to_yaml(d, resolve=True): (k, d) for k, d in sources}.values():
+        check_data_source(kind, data)

@@ -115,3 +115,25 @@ def test_every_bad_config_is_one_line_exit_2_and_no_run(monkeypatch, capsys, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lesson7-train: error: ") and key in err[0], err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["data=text", "data.path=empty.txt"], "empty.txt is empty; point data.path at a text file with content"),
+    (["data=text", "data.path=missing.txt"], "data.path=missing.txt does not exist; pass data.path=/path/to/text.txt"),
+    (["data=cifar10", "model=simplenet", "data.root=nowhere"], "data.root=nowhere does not exist; point data.root"),
+])
+def test_a_sweep_over_missing_or_empty_data_is_one_line_before_any_trial(monkeypatch, capsys, tmp_path: Path, argv,
+                                                                          expected):
+    """Checked in the pre-flight, without reading the data: not every trial failing on it in turn."""
+    from lesson7_sweeps.train import cli
+
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lesson7-train", "-m", *argv, "seed=1,2",
+                                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lesson7-train: error: {expected}"), err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

@@ -244,8 +244,10 @@ def test_a_rerun_after_the_sweeper_was_killed_cancels_its_orphan_jobs_and_comple
     parent, children = split(all_runs(tmp_path))  # one parent, continued by the rerun
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_finished"] == 3
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
-    for r in orphans:  # their jobs were cancelled: they saved a checkpoint and stopped
-        assert job_states(r.data.tags["slurm_job_id"]) == ["CANCELLED by 0"]
+    # their jobs were cancelled: they saved a checkpoint and stopped (on a loaded machine one may have
+    # trained to its end before the rerun was up: its trial is failed and retried all the same)
+    ended = [job_states(r.data.tags["slurm_job_id"]) for r in orphans]
+    assert ["CANCELLED by 0"] in ended and all(s in (["CANCELLED by 0"], ["COMPLETED"]) for s in ended), ended
     deadline = time.time() + 60  # a job still queued when the sweeper died starts, finds its trial ended, stops
     while not queue_empty(tmp_path) and time.time() < deadline:
         time.sleep(1)

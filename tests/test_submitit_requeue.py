@@ -68,3 +68,21 @@ def test_a_requeue_of_a_trial_whose_run_already_finished_returns_its_objective(t
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")] == steps  # nothing retrained
     assert len(client.search_runs([run.info.experiment_id])) == 1  # and no second run
+
+
+def test_a_job_whose_trial_another_sweeper_ended_trains_nothing(trial_job, tmp_path: Path, monkeypatch):
+    """Its sweeper died; a sweeper resuming the study failed the trial (and will cancel the job it
+    finds recorded). A job of that trial that starts before (queued on SLURM) or while that happens
+    stops in one line: it records itself on the trial first, then checks the trial, so that either the
+    sweeper sees the job or the job sees the trial ended."""
+    from lesson7_sweeps.errors import UserError
+    from lesson7_sweeps.sweeps.optuna_trial import SLURM_JOB, reporter_for_job
+
+    cfg, study, trial = trial_job
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert run_to_continue() is None and study.trials[0].user_attrs[SLURM_JOB] == "4242"  # seen by a sweeper
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the resuming sweeper does
+    with pytest.raises(UserError, match="trial 0 already ended \\(FAIL\\)"):
+        run_to_continue()
+    with pytest.raises(UserError, match="trial 0 was ended by another sweeper as this job started"):
+        reporter_for_job("some-run")  # failed between the job's check and its run's record

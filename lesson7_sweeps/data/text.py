@@ -178,6 +178,14 @@ def cached_copy(url: str, cache_dir: str | Path) -> Path:
     return Path(cache_dir).expanduser() / f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}.txt"
 
 
+def check_source(path: str, url: str | None, cache_dir: str) -> None:
+    """lesson7-train's pre-flight: the text is there (its public copy downloaded now, once, not by
+    every trial of a sweep at the same time) and not empty; one line otherwise, before any trial."""
+    p = resolve_path(path, url, cache_dir)
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"{p} is empty; point data.path at a text file with content")
+
+
 def resolve_path(path: str, url: str | None, cache_dir: str) -> Path:
     """The local text: `path` if it exists, else the copy of `url` in `cache_dir` (downloaded once)."""
     p = Path(path).expanduser()

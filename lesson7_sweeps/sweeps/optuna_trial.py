@@ -36,11 +36,17 @@ class Reporter:
 def reporter_for_job(run_id: str | None) -> Reporter | None:
     """The reporter of the current Hydra job when it is a trial of our Optuna sweeper, else None;
     records the job's MLflow run (None: tracking=none) on the trial."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
     trial = optuna_trial()
     if trial is None:
         return None
-    if run_id is not None:
-        trial.set_user_attr(RUN_ID, run_id)
+    try:
+        if run_id is not None:
+            trial.set_user_attr(RUN_ID, run_id)
+    except UpdateFinishedTrialError:  # a sweeper failed it (its own had died) while this job started
+        raise UserError(f"trial {trial.number} was ended by another sweeper as this job started: the sweeper "
+                        f"that launched the job had died, so the job trains nothing") from None
     return Reporter(Trial(trial))
 
 
@@ -50,15 +56,20 @@ def run_to_continue() -> str | None:
     the sweep (Ctrl-C; CONTINUE_RUN): the job continues that run from its last checkpoint.
     On SLURM, records the job on the trial first (a sweeper resuming a dead one's study cancels
     it); a job whose trial already ended (that sweeper failed it while the job was queued) stops."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
     trial = optuna_trial()
     if trial is None:
         return None
+    try:
+        if "SLURM_JOB_ID" in os.environ:  # first: a sweeper that fails the trial from now on cancels the job
+            trial.set_user_attr(SLURM_JOB, os.environ["SLURM_JOB_ID"])
+    except UpdateFinishedTrialError:  # Optuna refuses it once the trial has ended
+        pass
     state = trial.study._storage.get_trial(trial._trial_id).state
     if state.is_finished():
         raise UserError(f"trial {trial.number} already ended ({state.name}): the sweeper that launched this "
                         f"job gave it up, so the job trains nothing")
-    if "SLURM_JOB_ID" in os.environ:
-        trial.set_user_attr(SLURM_JOB, os.environ["SLURM_JOB_ID"])
     return trial.user_attrs.get(RUN_ID) or trial.user_attrs.get(CONTINUE_RUN)
 
 

@@ -513,6 +513,7 @@ def _fail_dead(study: optuna.Study, me: str) -> None:
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     owners = {str(t.user_attrs.get(OWNER, "")) for t in running} - {me}
     dead = {o for o in owners if _Owner.dead_here(o)}
+    failed = []
     for t in running:
         owner = str(t.user_attrs.get(OWNER, ""))
         unowned = owner == "" and t.datetime_start is not None and time.time() - t.datetime_start.timestamp() > grace
@@ -521,7 +522,11 @@ def _fail_dead(study: optuna.Study, me: str) -> None:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:  # another sweeper failed it first
                 continue
-            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(t._trial_id))
+            failed.append(t._trial_id)
+    # then their jobs are cancelled (the callback), once every one is FAIL: a cancelled job frees its
+    # CPUs, and a queued job of a dead trial still RUNNING here would start on them and train
+    for trial_id in failed:
+        storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial_id))
     for owner in dead:
         _Owner.forget(owner)
     optuna.storages.fail_stale_trials(study)
