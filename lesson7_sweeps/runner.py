@@ -157,13 +157,13 @@ def _progress(iterable: Any, enabled: str, desc: str, total: int, initial: int) 
 
 def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, schedule: Schedule,
         logger: Logger, out_dir: Path, start: dict[str, Any] | None = None,
-        report: Callable[[int, float], bool] | None = None) -> dict[str, float]:
+        report: Callable[[int, float, bool], bool] | None = None) -> dict[str, float]:
     """Train for trainer.epochs (or until trainer.max_steps); returns the last evaluation's metrics
     with the last epoch's throughput and the train_time so far.
 
     `start` is a checkpoint to continue from exactly (resume); SIGINT/SIGTERM save one and stop.
-    `report(step, objective)` is called after each evaluation (a sweeper's pruner); True stops
-    training there, which ends normally with the metrics so far."""
+    `report(step, objective, may_prune)` is called after each evaluation (a sweeper's pruner); True
+    stops training there, which ends normally with the metrics so far."""
     tc = cfg.trainer
     device = _device(model)
     prec = Precision.choose(tc, device, data.kind == "image")
@@ -257,7 +257,7 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
                     logger.log_metrics(metrics, step)
                     paused += time.perf_counter() - began
                     # (a timing objective is known at epoch ends only)
-                    if report is not None and cfg.objective in metrics and report(step, metrics[cfg.objective]):
+                    if report is not None and cfg.objective in metrics and report(step, metrics[cfg.objective], True):
                         stop = evaluated = True
                         break
             check_finite()  # also waits for the device, so the clock below is honest
@@ -273,8 +273,13 @@ def fit(cfg: DictConfig, model: nn.Module, data: Any, optimizer: Optimizer, sche
             log.info("epoch %d step %d: %s", epoch + 1, step, ", ".join(f"{k} {v:.4f}" for k, v in
                                                                         (evaluation or metrics).items()))
             metrics = {**metrics, **evaluation, "throughput": throughput, "train_time": train_time}
-            stop = stop or (report is not None and report(step, metrics[cfg.objective]))
-            if stop or epoch + 1 == tc.epochs:
+            final = stop or epoch + 1 == tc.epochs
+            if report is not None and not evaluated:  # (a report inside the epoch stopped it: reported)
+                # the last evaluation is reported too, but never pruned: a trial trained to its end is complete
+                stop = report(step, metrics[cfg.objective], not final) or final
+            else:
+                stop = final
+            if stop:
                 break
             if tc.checkpoints or signals:  # every epoch: what a crashed run resumes from; a stopped one's always
                 save("last.pt", epoch + 1, 0)

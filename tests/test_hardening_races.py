@@ -73,7 +73,9 @@ def test_a_resume_while_another_takes_the_run_over_is_one_line(make_cfg, tmp_pat
     ["-m", "data.bptt=range(1,10001)", "model.n_hidden=range(8,10008)", "seed=1,2,3,4,5,6,7,8,9,10,11,12"],
     ["-m", "hydra/sweeper=optuna", "model.n_hidden=range(8,408)", "data.bptt=choice(4,8,16,32,64)"],
 ])
-def test_the_preflight_composes_a_few_configs_at_any_sweep_size(monkeypatch, argv: list[str]):
+def test_the_preflight_composes_a_few_configs_at_any_sweep_size(monkeypatch, tmp_path: Path, argv: list[str]):
+    (tmp_path / "x.txt").write_text("some text")  # the pre-flight checks the data is there
+    monkeypatch.chdir(tmp_path)
     calls = []
     compose = preflight_module.compose
 

@@ -121,9 +121,9 @@ def test_a_trial_pruned_inside_an_epoch_stops_there_marked_and_without_checkpoin
     class Pruner:  # Optuna's side of the hook (tests/test_optuna_sweeper.py runs the real one)
         pruned, seen = False, []
 
-        def __call__(self, step: int, value: float) -> bool:
+        def __call__(self, step: int, value: float, may_prune: bool) -> bool:
             self.seen.append(step)
-            self.pruned = step >= 4
+            self.pruned = may_prune and step >= 4
             return self.pruned
 
     pruner = Pruner()
@@ -136,3 +136,32 @@ def test_a_trial_pruned_inside_an_epoch_stops_there_marked_and_without_checkpoin
     assert [s for s, _ in history(tmp_path, run_id, "epoch")] == [4]  # stopped at step 4, evaluated once there
     assert run.info.status == "FINISHED" and run.info.run_name.endswith(" ✂")
     assert client.list_artifacts(run_id, "checkpoints") == []  # a pruned trial is final
+
+
+def test_a_trial_is_never_pruned_at_its_last_evaluation(make_cfg, tmp_path: Path, monkeypatch, one_thread):
+    """Its last evaluation is reported (Optuna's intermediate values match MLflow's) but cannot prune
+    it: a trial that trained to its end is complete, its value counts (CI saw a median pruner prune a
+    2-epoch trial at its second and last epoch)."""
+    from lesson7_sweeps import train as train_module
+    from lesson7_sweeps.sweeps.optuna_trial import Reporter
+
+    calls = []
+
+    class Trial:  # the sweeper's trial, whose pruner always says prune
+        pruned = False
+
+        def report(self, step: int, value: float) -> None:
+            calls.append(step)
+
+        def should_prune(self) -> bool:
+            self.pruned = True
+            return True
+
+    monkeypatch.setattr(train_module, "reporter_for_job", lambda run_id: Reporter(Trial()))
+    run_id = train_module.train_run(make_cfg("trainer.epochs=2", "trainer.sample.chars=0")).run_id
+    epochs = [s for s, _ in history(tmp_path, run_id, "epoch")]
+    assert calls == epochs[:1]  # pruned at the first epoch's end, reported there
+    run_id = train_module.train_run(make_cfg("trainer.epochs=1", "trainer.sample.chars=0")).run_id
+    epochs = [s for s, _ in history(tmp_path, run_id, "epoch")]
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert calls[1:] == epochs and not run.info.run_name.endswith(" ✂") and "trial_state" not in run.data.tags

@@ -19,7 +19,8 @@ CONTINUE_RUN = "continue_run_id"  # trial user attr: the run of a trial the user
 
 
 class Reporter:
-    """`runner.fit`'s `report(step, value)` hook for one trial: True = pruned, stop now."""
+    """`runner.fit`'s `report(step, value, may_prune)` hook for one trial: True = pruned, stop now
+    (never when not `may_prune`: the run's last evaluation, after which there is nothing to save)."""
 
     def __init__(self, trial: Trial) -> None:
         self.trial = trial
@@ -28,9 +29,9 @@ class Reporter:
     def pruned(self) -> bool:
         return self.trial.pruned
 
-    def __call__(self, step: int, value: float) -> bool:
+    def __call__(self, step: int, value: float, may_prune: bool) -> bool:
         self.trial.report(step, value)
-        return self.trial.should_prune()
+        return may_prune and self.trial.should_prune()
 
 
 def reporter_for_job(run_id: str | None) -> Reporter | None:
