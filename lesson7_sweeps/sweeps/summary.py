@@ -135,7 +135,7 @@ class Summary:
               f"{n['n_killed']} killed")
         if self.objectives:
             front = self.front
-            print(f"Pareto front: {len(front)} trials: " + "; ".join(
+            print(f"Pareto front: {len(front)} trial{'' if len(front) == 1 else 's'}: " + "; ".join(
                 f"{printable(r['run_id'])} ({printable(r['run_name'])}), "
                 + ", ".join(f"{printable(o)} {r[o]:.6g}" for o in self.objectives) for _, r in front.iterrows())
                   if len(front) else "Pareto front: none (no trial finished)")
