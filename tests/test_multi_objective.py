@@ -62,7 +62,7 @@ def test_an_optuna_sweep_of_two_objectives_tells_both_and_its_summary_shows_the_
     assert {"pareto_front.png", "summary.html", "objective_vs_params.png", "optuna"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")} >= {"optuna/history.png",
                                                                                       "optuna/importances.csv"}
-    assert f"Pareto front: {len(front)} trials: " in out
+    assert f"Pareto front: {len(front)} trial{'' if len(front) == 1 else 's'}: " in out
     assert "hydra.sweeper.pruner=median is not used" in out + "\n".join(err)
 
 
@@ -86,7 +86,7 @@ def test_a_grid_sweep_with_the_basic_sweeper_marks_the_same_front(monkeypatch, c
     rows = summary_rows(client, parent.info.run_id, tmp_path)
     assert {r["run_id"] for r in rows if r["pareto"] == "✓"} == front
     assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert f"Pareto front: {len(front)} trials: " in out
+    assert f"Pareto front: {len(front)} trial{'' if len(front) == 1 else 's'}: " in out
     # the sweep's saved MLflow view: the objectives' metrics as columns, sorted by the first
     tag = client.get_experiment_by_name("test").tags[f"{VIEW_TAG_PREFIX}{parent.data.tags['sweep_id']}"]
     view = json.loads(json.loads(tag)["state"])
