@@ -111,6 +111,7 @@ class MlflowLogger:
     request, for the whole process, so we leave them to the user)."""
 
     PROBE_TIMEOUT_S = 5  # one try, no retries: MLflow's own server-version probe does the same
+    FLUSH_WAIT_S = 2.0  # how long a checkpoint waits for a tracking server to store the metrics before it
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None, *,
                  heartbeat_s: float, stale_after_s: float, log_model: bool = False,
@@ -375,10 +376,14 @@ class MlflowLogger:
         """Wait until every metric logged so far is stored. Called before a checkpoint: a resumed run
         replays only the steps after its checkpoint, so a checkpoint stored ahead of the metrics (MLflow's
         async pool was still writing when a SIGKILL came) would lose those steps for good. A batch that
-        failed stays pending: `close` sends it again."""
-        for op, _ in self._pending:
-            with contextlib.suppress(Exception):
-                op.wait()
+        failed stays pending: `close` sends it again. A tracking server gets FLUSH_WAIT_S at most: one
+        that is away must not stall training (its batches wait in MLflow's retries; a SIGKILL during
+        such an outage can still lose them)."""
+        from concurrent.futures import wait
+
+        futures = [f for op, _ in self._pending for f in op._operation_futures]  # (RunOperations has no timeout)
+        remote = self.uri.startswith(("http://", "https://"))
+        wait(futures, timeout=self.FLUSH_WAIT_S if remote else None)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
