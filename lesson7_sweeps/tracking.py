@@ -111,7 +111,7 @@ class MlflowLogger:
     request, for the whole process, so we leave them to the user)."""
 
     PROBE_TIMEOUT_S = 5  # one try, no retries: MLflow's own server-version probe does the same
-    FLUSH_WAIT_S = 2.0  # how long a checkpoint waits for a tracking server to store the metrics before it
+    FLUSH_WAIT_S = 2.0  # the longest a checkpoint waits for a tracking server to store the metrics
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None, run_name: str | None, *,
                  heartbeat_s: float, stale_after_s: float, log_model: bool = False,
