@@ -300,9 +300,11 @@ def cli() -> None:
         name, code = ckpt.interrupt_signal(e)
         swept = sweep.current()
         sweep.finish("KILLED", f"interrupted ({name})")
+        unended = sweep.pop_unended()  # the store would not let it end every run: said instead
         marked = isinstance(e, Interrupted) and e.marked
         ended = getattr(e, "ended", None)  # a signal while a completed sweep was being ended
-        what = (f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED"
+        what = (f"; {unended}" if unended
+                else f"; the sweep {swept.sweep_id} and its unfinished trials were marked KILLED"
                 if swept and not swept.handed_over
                 else f"; the sweep {e.sweep_id} had ended {ended}, its summary written" if ended
                 else "; the run was marked KILLED" if marked else "")

@@ -319,16 +319,26 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
     from lesson7_sweeps.sweeps.summary import write_summary  # matplotlib/pandas: only when needed
 
     def fail(e: Exception) -> bool:  # the store failed (a full disk, a server gone): say so once, at the end
-        log.error("sweep %s: could not end its runs: %s", parent.sweep_id, (str(e).splitlines() or [""])[0])
+        log.error("sweep %s: could not end its runs: %s: %s", parent.sweep_id, type(e).__name__,
+                  (str(e).splitlines() or [""])[0])
         return False
 
+    # a server that failed would make each further request wait out MLflow's retries: stop at its first
+    # error; a local store's error is one request's (a run a job ends at the same moment), so go on
+    remote = parent.logger.uri.startswith(("http://", "https://"))
     ended = True
-    try:
-        if status not in (None, "FINISHED"):  # first, so that the summary counts them as they ended
-            for run in _running_trials(parent):
+    if status not in (None, "FINISHED"):  # first, so that the summary counts them as they ended
+        try:
+            trials = _running_trials(parent)
+        except Exception as e:
+            trials, ended = [], fail(e)
+        for run in trials:
+            try:
                 parent.logger.end_run(run.info.run_id, status, f"the sweep ended {status}")
-    except Exception as e:
-        ended = fail(e)
+            except Exception as e:
+                ended = fail(e)
+                if remote:
+                    break
     try:
         summary = write_summary(parent)
     except Exception as e:  # a summary must never keep the parent RUNNING
@@ -340,12 +350,14 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
         if summary is not None and status == "FAILED":  # the command fails too (Hydra itself would exit 0)
             _fail_command(UserError(f"every one of the {summary.n_trials} trials of sweep {parent.sweep_id} failed; "
                                     f"see their runs' failure_reason tag (lesson7-compare {parent.run_id})"))
-    try:
-        ended = ended and parent.logger.close(status, reason)  # as before: not once the store failed
-    except Exception as e:
-        ended = fail(e)
-    if not ended:
-        _left_running(parent)
+    closed = False
+    if ended or not remote:  # not once a server failed (as before)
+        try:
+            closed = parent.logger.close(status, reason)
+        except Exception as e:
+            fail(e)
+    if not (ended and closed):
+        _left_running(parent, closed)
     if summary is not None:
         summary.print()
     url = sweep_view_url(parent.logger.uri, parent.experiment_id, parent.sweep_id)
@@ -367,12 +379,15 @@ def _fail_command(error: UserError) -> None:
     _unended = _unended or error
 
 
-def _left_running(parent: Parent) -> None:
+def _left_running(parent: Parent, closed: bool = False) -> None:
     global _unended
+    mine = [] if closed else [parent.run_id]
     try:
-        left = [parent.run_id, *(r.info.run_id for r in _running_trials(parent))]
+        left = [*mine, *(r.info.run_id for r in _running_trials(parent))]
     except Exception:  # the store cannot even be read now
-        left = [parent.run_id]
+        left = mine
+    if not left:  # every run ended after all (a trial's job ended it itself)
+        return
     uri = parent.logger.uri
     # --force: this process owned these runs and has stopped; their heartbeats are only recent
     _unended = UserError(f"the MLflow store {uri} failed, so sweep {parent.sweep_id} left {len(left)} run(s) RUNNING "
@@ -380,10 +395,16 @@ def _left_running(parent: Parent) -> None:
                          f"lesson7-train --mark-failed {' '.join(left)} --tracking-uri {uri} --force")
 
 
-def raise_unended() -> None:
-    """After the sweep: the one-line error if its store would not let it end its runs, or every trial failed."""
+def pop_unended() -> UserError | None:
+    """The one-line error of raise_unended, taken (for a sweep that was interrupted)."""
     global _unended
     error, _unended = _unended, None
+    return error
+
+
+def raise_unended() -> None:
+    """After the sweep: the one-line error if its store would not let it end its runs, or every trial failed."""
+    error = pop_unended()
     if error is not None:
         raise error
 
