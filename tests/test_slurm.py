@@ -220,7 +220,7 @@ def test_a_trial_longer_than_its_time_limit_finishes_across_several_jobs_in_one_
     epochs = 1200
     run(sweep_cmd_on_slurm(tmp_path, 1, epochs, "hydra.sweeper.n_jobs=1", "trainer.log_every=25",
                            "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50",
-                           "hydra.launcher.max_num_timeout=10"), tmp_path)
+                           "hydra.launcher.max_num_timeout=30"), tmp_path)
     found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
     client, runs = mlflow_runs(tmp_path, found)  # one run for the trial, whatever the number of jobs
     assert [t.state for t in found] == [TrialState.COMPLETE] and runs[0].info.status == "FINISHED"
