@@ -218,7 +218,7 @@ class MlflowLogger:
         settings); an sqlite store must be an SQLite file (writable unless only `reading`) or
         creatable in a writable folder; any store that exists must open, and its experiment of our
         name must not be deleted. Creates nothing."""
-        if self.uri.startswith(("http://", "https://")):
+        if self.remote:
             self._probe_server()
         elif self.uri.startswith("sqlite:") and not self._check_sqlite(writing):
             return  # a new store: nothing to open yet
@@ -372,6 +372,11 @@ class MlflowLogger:
             return
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
 
+    @property
+    def remote(self) -> bool:
+        """A tracking server: a request that fails waits out MLflow's retries (a local store fails at once)."""
+        return self.uri.startswith(("http://", "https://"))
+
     def flush(self) -> None:
         """Wait until every metric logged so far is stored. Called before a checkpoint: a resumed run
         replays only the steps after its checkpoint, so a checkpoint stored ahead of the metrics (MLflow's
@@ -382,8 +387,7 @@ class MlflowLogger:
         from concurrent.futures import wait
 
         futures = [f for op, _ in self._pending for f in op._operation_futures]  # (RunOperations has no timeout)
-        remote = self.uri.startswith(("http://", "https://"))
-        wait(futures, timeout=self.FLUSH_WAIT_S if remote else None)
+        wait(futures, timeout=self.FLUSH_WAIT_S if self.remote else None)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -579,7 +583,7 @@ class MlflowLogger:
         """A local store that refused a write (full disk, read-only file) refuses the next ones too:
         stop the run at once, in one line, instead of training on while every batch fails. (A server
         that went away may come back: `close` sends its dropped batches again.)"""
-        if self.uri.startswith(("http://", "https://")):
+        if self.remote:
             return
         while self._pending and all(f.done() for f in self._pending[0][0]._operation_futures):
             failed = [f.exception() for f in self._pending[0][0]._operation_futures if f.exception()]

@@ -106,6 +106,17 @@ def test_a_sample_that_fails_after_training_is_a_warning(monkeypatch, capsys, tm
     assert "the text sample failed, the run is kept: RuntimeError: invalid multinomial" in out + "\n".join(err)
 
 
+def fill(disk: Path) -> None:
+    """Take the file system's last free bytes (filler2; a file system full already has none to give)."""
+    try:
+        with (disk / "filler2").open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+
+
 @pytest.mark.slow
 def test_a_full_disk_in_a_sweep_is_one_line_at_the_end_and_the_printed_repair_works(monkeypatch, capsys,
                                                                                   tmp_path: Path, small_disk: Path):
@@ -119,13 +130,7 @@ def test_a_full_disk_in_a_sweep_is_one_line_at_the_end_and_the_printed_repair_wo
     write = summary.write_summary
 
     def on_a_full_disk(parent):  # whatever the trial's failure freed (sqlite's journal) is gone again
-        with (disk / "filler2").open("wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-            except OSError:
-                pass
+        fill(disk)
         return write(parent)
 
     monkeypatch.setattr(summary, "write_summary", on_a_full_disk)
@@ -142,3 +147,41 @@ def test_a_full_disk_in_a_sweep_is_one_line_at_the_end_and_the_printed_repair_wo
     code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair)  # as printed
     assert code == 0, err
     assert sorted(r.info.status for r in runs(tmp_path, uri)) == ["FAILED", "FAILED"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_whose_store_fills_up_says_what_it_left_running(monkeypatch, capsys, tmp_path: Path,
+                                                                         small_disk: Path):
+    # Ctrl-C in a trial; the disk fills as the sweep ends KILLED: the last line names what it left
+    # RUNNING and the repair, instead of saying the sweep was marked KILLED
+    from hydra_plugins.lesson7_optuna_sweeper import slurm
+
+    disk = small_disk
+    uri = f"sqlite:///{disk}/mlflow.db"
+    MlflowClient(uri).search_experiments()
+    cancel = slurm.cancel_jobs_in_flight
+
+    def then_the_disk_fills():  # the first thing an interrupted sweep's end does
+        fill(disk)
+        return cancel()
+
+    monkeypatch.setattr(slurm, "cancel_jobs_in_flight", then_the_disk_fills)
+    monkeypatch.setattr(SignalAt, "plan", [("metrics", lambda m: "train_loss" in m, signal.SIGINT)])
+    text = tmp_path / "long.txt"
+    text.write_text(make_text(20000))
+    argv = ["-m", *tiny_overrides(tmp_path, text), f"tracking.uri={uri}", f"tracking._target_={HERE}",
+            "trainer.log_every=1", "trainer.epochs=3", "trainer.sample.chars=0", "seed=1",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    code, err, out = run_cli(monkeypatch, capsys, tmp_path, argv)
+    assert code == 130 and "Traceback" not in out + "\n".join(err), err[-5:]
+    (parent,) = [r for r in runs(tmp_path, uri) if r.data.tags.get("run_type") == "sweep"]
+    assert err[-1].startswith(f"lesson7-train: interrupted by SIGINT; the MLflow store {uri} failed, so sweep "
+                              f"{parent.data.tags['sweep_id']} left 1 run(s) RUNNING"), err[-1]
+    assert "marked KILLED" not in err[-1] and parent.info.status == "RUNNING"
+    (trial,) = [r for r in runs(tmp_path, uri) if r.data.tags.get("run_type") != "sweep"]
+    assert trial.info.status == "KILLED"  # ended by its own interrupt, before the disk filled
+    (disk / "filler2").unlink(missing_ok=True)
+    repair = err[-1].split("end them with: lesson7-train ", 1)[1].split("; ")[0].split()
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, repair)  # as printed
+    assert code == 0, err
+    assert sorted(r.info.status for r in runs(tmp_path, uri)) == ["FAILED", "KILLED"]

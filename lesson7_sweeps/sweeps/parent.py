@@ -325,7 +325,7 @@ def _finish(parent: Parent, status: str | None, reason: str | None) -> str:
 
     # a server that failed would make each further request wait out MLflow's retries: stop at its first
     # error; a local store's error is one request's (a run a job ends at the same moment), so go on
-    remote = parent.logger.uri.startswith(("http://", "https://"))
+    remote = parent.logger.remote
     ended = True
     if status not in (None, "FINISHED"):  # first, so that the summary counts them as they ended
         try:
