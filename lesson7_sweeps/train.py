@@ -42,7 +42,7 @@ from lesson7_sweeps.optim import build_optimizer
 from lesson7_sweeps.schedules import Schedule
 from lesson7_sweeps.sweeps import parent as sweep
 from lesson7_sweeps.sweeps.optuna_trial import reporter_for_job, run_to_continue
-from lesson7_sweeps.tracking import default_run_name, finished_objective, flatten, git_tags
+from lesson7_sweeps.tracking import MlflowLogger, default_run_name, finished_objective, flatten, git_tags
 
 log = logging.getLogger(__name__)
 PROG = "lesson7-train"
@@ -136,6 +136,29 @@ def train(cfg: DictConfig) -> float | list[float]:
     return train_run(cfg).objective
 
 
+def record_unstarted_trial(cfg: DictConfig, error: Exception) -> None:
+    """A sweep's trial that failed before its MLflow run began (a value its data or model cannot take,
+    a model too big for the device) gets a run all the same: FAILED, with its params and the reason,
+    so that the MLflow UI and the summary count every trial the sweep launched, and a sweep whose
+    every trial failed so ends FAILED. A warning instead when the store cannot take it either."""
+    if not sweep.is_multirun():
+        return
+    try:
+        logger = instantiate(cfg.tracking)
+        if not isinstance(logger, MlflowLogger):
+            return
+        logger.check()
+        name, tags = sweep.trial_identity(cfg, logger)
+        logger.start(name or f"#{HydraConfig.get().job.num}", flatten(cfg), {**tags, "run_type": "train"})
+        try:
+            reporter_for_job(logger.run_id)  # an Optuna trial records its run, as a trial that trained does
+        finally:
+            logger.close("FAILED", (str(error).splitlines() or [type(error).__name__])[0])
+    except Exception as e:
+        log.warning("this trial's failure is not recorded in MLflow (%s: %s)", type(e).__name__,
+                    (str(e).splitlines() or [""])[0])
+
+
 def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: str | None = None,
               resume: str | None = None, checkpoint: str = "last.pt") -> Outcome:
     """Build everything from `cfg`, fit, and return the objective and the MLflow run.
@@ -143,24 +166,29 @@ def train_run(cfg: DictConfig, tags: dict[str, str] | None = None, expect_data: 
     `tags` are added to the run's; `expect_data` is a data fingerprint the data must match (reruns);
     `resume` is the id of a run to continue (in the same MLflow run) from its `checkpoint`; it is
     loaded and checked before the run is marked RUNNING again.
-    Raises UserError (before any MLflow run exists) for bad config or data, and
-    runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
-    validate(cfg)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    threads = set_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device)
-    logger = build(cfg.tracking)
-    logger.check()  # an unreachable tracking server fails here, before any data or model work
-    data = build_data(cfg, device)
-    if expect_data is not None and data.fingerprint != expect_data:
-        raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
-                        f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
-    check_fits(lambda: build(cfg.model, **data.model_args()), device)
-    model = build(cfg.model, **data.model_args()).to(device)
-    # compiled or captured steps (runner.Step) pair with torch's fused optimizer: one kernel for all parameters
-    fused = compile_mode(cfg.trainer.compile) != "off" or cfg.trainer.cuda_graph
-    optimizer = build_optimizer(cfg.optim, model, fused=fused)
-    schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
+    Raises UserError (before any MLflow run exists; a sweep's trial records a FAILED one) for bad
+    config or data, and runner.TrainingDiverged (after marking the run FAILED) when the loss becomes NaN."""
+    try:  # everything the run needs, before the run exists
+        validate(cfg)
+        seed_everything(cfg.seed, cfg.trainer.deterministic)
+        threads = set_threads(cfg.trainer.threads)
+        device = pick_device(cfg.trainer.device)
+        logger = build(cfg.tracking)
+        logger.check()  # an unreachable tracking server fails here, before any data or model work
+        data = build_data(cfg, device)
+        if expect_data is not None and data.fingerprint != expect_data:
+            raise DataError(f"the data at {data.describe()['source']} is not the data of the original run "
+                            f"(fingerprint {data.fingerprint[:12]} != {expect_data[:12]}); use --force to train anyway")
+        check_fits(lambda: build(cfg.model, **data.model_args()), device)
+        model = build(cfg.model, **data.model_args()).to(device)
+        # compiled or captured steps (runner.Step) pair with torch's fused optimizer: one kernel for all parameters
+        fused = compile_mode(cfg.trainer.compile) != "off" or cfg.trainer.cuda_graph
+        optimizer = build_optimizer(cfg.optim, model, fused=fused)
+        schedule = Schedule(cfg.schedule.phases, cfg.trainer.epochs)
+    except Exception as e:
+        if resume is None:  # a sweep's trial that could not start still shows in MLflow: FAILED, saying why
+            record_unstarted_trial(cfg, e)
+        raise
 
     def load(path: Path | None) -> dict | None:  # before the run is marked RUNNING again
         if path is None and checkpoint == "final.pt":

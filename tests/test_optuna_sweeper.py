@@ -270,6 +270,18 @@ def test_too_many_failed_trials_stop_the_sweep_with_one_line(monkeypatch, capsys
     assert [t.state for t in study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials] == [TrialState.FAIL]
 
 
+def test_an_optuna_trial_that_fails_before_training_records_its_failed_run(monkeypatch, capsys, tmp_path: Path):
+    cmd = grid_sweep(tmp_path, "model.n_hidden=choice(32,3000000)", 0, 2, "hydra.sweeper.max_failure_rate=0.5")
+    code, err, _ = run_cli(monkeypatch, capsys, tmp_path, cmd[1:])
+    assert code == 0, err[-5:]
+    found = study(f"sqlite:///{tmp_path}/multirun/optuna.db").trials
+    _, runs = mlflow_runs(tmp_path, found)  # each trial's run recorded on it, the failed one's too
+    (failed,) = [t for t in found if t.state == TrialState.FAIL]
+    assert failed.params["model.n_hidden"] == 3000000 and failed.user_attrs[RUN_ID] == runs[failed.number].info.run_id
+    assert runs[failed.number].info.status == "FAILED"
+    assert runs[failed.number].data.tags["failure_reason"].startswith("the model does not fit")
+
+
 def test_parallel_trials_in_one_process_and_unknown_settings_are_refused(monkeypatch, capsys, tmp_path: Path):
     cmd = sweep_cmd(tmp_path, "optim.lr=choice(0.1,0.2)", "hydra.sweeper.n_jobs=2")
     code, err, _ = run_cli(monkeypatch, capsys, tmp_path, cmd[1:])

@@ -246,6 +246,31 @@ def test_a_sweep_whose_every_trial_fails_ends_failed(tmp_path: Path, text_file: 
 
 
 @pytest.mark.slow
+def test_a_trial_that_fails_before_training_is_a_failed_run_with_its_params_and_reason(tmp_path: Path,
+                                                                                       text_file: Path):
+    """A width too big for any machine fails its trial before its run would begin: the trial is still a
+    run (FAILED, its params, the reason), counted by the summary; it used to be missing from both."""
+    out, _ = finished(launch(tmp_path, text_file, "model.n_hidden=32,3000000"))
+    parent, children = split(all_runs(tmp_path))
+    assert [(c.info.run_name, c.info.status) for c in children] == [("#0 n_hidden=32", "FINISHED"),
+                                                                    ("#1 n_hidden=3000000", "FAILED")]
+    failed = children[1].data
+    assert failed.params["model.n_hidden"] == "3000000" and failed.tags["run_type"] == "train"
+    assert failed.tags["failure_reason"].startswith("the model does not fit: its ")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 2
+    assert "2 trials: 1 finished, 0 pruned, 1 failed, 0 killed" in out
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_fails_before_training_ends_failed(tmp_path: Path, text_file: Path):
+    _, err = finished(launch(tmp_path, text_file, "model.n_hidden=3000000,4000000"), code=2)
+    parent, children = split(all_runs(tmp_path))  # it ended FINISHED, "0 trials", exit 0
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failure_reason"] == "every trial failed"
+    assert err.strip().splitlines()[-1].startswith("lesson7-train: error: every one of the 2 trials of sweep")
+
+
+@pytest.mark.slow
 def test_parallel_trials_share_the_cores_and_write_every_metric_once_into_one_sqlite_store(tmp_path: Path,
                                                                                           text_file: Path):
     """8 trials, 4 at once in the joblib launcher's worker processes, every step logged into one sqlite store."""
