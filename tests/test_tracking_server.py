@@ -125,7 +125,10 @@ def test_a_server_restart_mid_run_loses_no_metric(make_cfg, server: Server, monk
         killer.join()
     elapsed = time.monotonic() - started
     assert "back" in outage, f"the server was not restarted: see {server.root / 'server.log'}"
-    assert outage["back"] > outage["killed"], "no step was logged while the server was down"
+    # the outage hit the run: steps were still to come when the server went down (they are logged
+    # during the outage, or, when it falls on an epoch's end, training waits out its checkpoint's
+    # upload to the server: CI saw 0 steps logged in those 5 s, so that is not asserted)
+    assert outage["killed"] < len(logged), "the server was killed only after the last step"
 
     client = MlflowClient(server.uri)
     run = client.search_runs([client.get_experiment_by_name("restart").experiment_id])[0]
